@@ -1,0 +1,43 @@
+from broker._proto.broker.v1 import common_pb2 as _common_pb2
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GetTrustBundleRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetTrustBundleResponse(_message.Message):
+    __slots__ = ("trust_bundle",)
+    TRUST_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    trust_bundle: _common_pb2.TrustBundle
+    def __init__(self, trust_bundle: _Optional[_Union[_common_pb2.TrustBundle, _Mapping]] = ...) -> None: ...
+
+class EnrollDeviceRequest(_message.Message):
+    __slots__ = ("csr_pem", "enrollment_token")
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    ENROLLMENT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    csr_pem: str
+    enrollment_token: str
+    def __init__(self, csr_pem: _Optional[str] = ..., enrollment_token: _Optional[str] = ...) -> None: ...
+
+class EnrollDeviceResponse(_message.Message):
+    __slots__ = ("device_id", "spiffe_id", "certificate_chain_pem", "trust_bundle", "not_after", "renew_after", "claim_code")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_CHAIN_PEM_FIELD_NUMBER: _ClassVar[int]
+    TRUST_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    RENEW_AFTER_FIELD_NUMBER: _ClassVar[int]
+    CLAIM_CODE_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    spiffe_id: str
+    certificate_chain_pem: str
+    trust_bundle: _common_pb2.TrustBundle
+    not_after: int
+    renew_after: int
+    claim_code: str
+    def __init__(self, device_id: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., certificate_chain_pem: _Optional[str] = ..., trust_bundle: _Optional[_Union[_common_pb2.TrustBundle, _Mapping]] = ..., not_after: _Optional[int] = ..., renew_after: _Optional[int] = ..., claim_code: _Optional[str] = ...) -> None: ...

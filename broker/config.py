@@ -1,0 +1,75 @@
+"""Explicit broker configuration, passed to everything that needs it (no module singletons)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from broker.identity import validate_trust_domain
+
+DAY = 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything the broker reads at start-up. Paths are relative to ``home`` unless absolute."""
+
+    home: Path = field(default_factory=Path.cwd)
+    trust_domain: str = "camera.local"
+    bootstrap_address: str = "127.0.0.1:8444"
+    main_address: str = "127.0.0.1:8443"
+    # grpcio cannot make a client certificate optional (it either never asks or requires one), so
+    # birth-certificate enrollment has its own mutual-TLS listener bound to the factory CA.
+    factory_address: str = "127.0.0.1:8445"
+    server_names: tuple[str, ...] = ("localhost",)
+    device_cert_days: int = 30
+    operator_cert_days: int = 90
+    server_cert_days: int = 90
+    enrollment_token_ttl_seconds: int = 7 * DAY
+    max_enrollment_token_ttl_seconds: int = 30 * DAY
+    # A renewed certificate stays usable this long, so in-flight reconnects do not fail.
+    superseded_grace_seconds: int = 3_600
+    heartbeat_interval_seconds: int = 15
+    attach_hello_timeout_seconds: float = 10.0
+    max_message_bytes: int = 64 * 1024
+    db_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        validate_trust_domain(self.trust_domain)
+
+    @property
+    def certs_dir(self) -> Path:
+        return self.home / "certs"
+
+    @property
+    def database(self) -> Path:
+        if self.db_path is None:
+            return self.home / "var" / "broker.db"
+        return self.db_path if self.db_path.is_absolute() else self.home / self.db_path
+
+    def with_overrides(self, **changes: object) -> Config:
+        """A copy with the given fields changed (unknown names raise TypeError)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def from_environment(home: Path | None = None) -> Config:
+    """Build a Config from BROKER_* environment variables over the defaults."""
+    env = os.environ
+    cfg = Config(home=(home or Path(env.get("BROKER_HOME", Path.cwd()))).resolve())
+    overrides: dict[str, object] = {}
+    string_fields = {
+        "BROKER_TRUST_DOMAIN": "trust_domain",
+        "BROKER_BOOTSTRAP_ADDRESS": "bootstrap_address",
+        "BROKER_MAIN_ADDRESS": "main_address",
+        "BROKER_FACTORY_ADDRESS": "factory_address",
+    }
+    for var, name in string_fields.items():
+        if var in env:
+            overrides[name] = env[var]
+    if "BROKER_DB" in env:
+        overrides["db_path"] = Path(env["BROKER_DB"])
+    if "BROKER_SERVER_NAMES" in env:
+        names = tuple(n.strip() for n in env["BROKER_SERVER_NAMES"].split(",") if n.strip())
+        overrides["server_names"] = names
+    return cfg.with_overrides(**overrides) if overrides else cfg

@@ -1,0 +1,347 @@
+"""Device lifecycle: enrollment tokens, enrollment, renewal, revocation, per-call certificate checks.
+
+Core logic with no transport: callers pass verified identities in and get records or BrokerErrors out.
+Every state change and every refusal of a secret is appended to the audit log in the same
+transaction as the change (I12).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import NoReturn
+
+from cryptography import x509
+
+from broker.audit import AuditEvent
+from broker.ca import IssuedCertificate, IssuingAuthority
+from broker.clock import Clock, unix
+from broker.config import Config
+from broker.csr import PublicKey, public_key_from_csr, spki_sha256
+from broker.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
+from broker.identity import Identity, Kind, device, validate_device_id
+from broker.onetime import ENROLLMENT_TOKEN_PREFIX, new_claim_code, new_enrollment_token, secret_hash
+from broker.store import (
+    CertificateRecord,
+    CertStatus,
+    DeviceRecord,
+    DeviceState,
+    EnrollmentTokenRecord,
+    Store,
+    Transaction,
+)
+
+MAX_TOKEN_CHARS = 128
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollmentToken:
+    device_id: str
+    token: str
+    expires_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class Enrollment:
+    identity: Identity
+    issued: IssuedCertificate
+    claim_code: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStatus:
+    record: DeviceRecord
+    current_certificate: CertificateRecord | None
+
+
+class DeviceAuthority:
+    """Decides who gets which device certificate, and whether a presented certificate still counts."""
+
+    def __init__(self, config: Config, ca: IssuingAuthority, store: Store, clock: Clock) -> None:
+        self._config = config
+        self._ca = ca
+        self._store = store
+        self._clock = clock
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _now(self) -> int:
+        return unix(self._clock.now())
+
+    def _now_ms(self) -> int:
+        return int(self._clock.now().timestamp() * 1000)
+
+    def _audit(self, tx: Transaction, event: AuditEvent) -> None:
+        tx.append_audit(event, self._now_ms())
+
+    def _deny(self, error: PermissionDenied | FailedPrecondition, event: AuditEvent) -> NoReturn:
+        """Record a refusal in its own transaction (the refused one rolled back), then raise it."""
+        with self._store.transaction() as tx:
+            self._audit(tx, event)
+        raise error
+
+    def _record(self, tx: Transaction, identity: Identity, issued: IssuedCertificate, key: PublicKey) -> None:
+        tx.insert_certificate(
+            CertificateRecord(
+                serial=issued.serial,
+                spiffe_id=identity.spiffe_id,
+                kind=identity.kind.value,
+                subject=identity.spiffe_id,
+                spki_sha256=spki_sha256(key),
+                fingerprint=issued.fingerprint,
+                not_before=unix(issued.not_before),
+                not_after=unix(issued.not_after),
+                status=CertStatus.ACTIVE,
+                issued_at=self._now(),
+            )
+        )
+
+    def _key_is_free(self, tx: Transaction, key: PublicKey, identity: Identity) -> bool:
+        return tx.subjects_with_key(spki_sha256(key)) <= {identity.spiffe_id}
+
+    # -- enrollment tokens -----------------------------------------------------------------------
+    def create_enrollment_token(
+        self, actor: Identity, device_id: str, ttl_seconds: int = 0
+    ) -> EnrollmentToken:
+        """Mint a one-time token for device_id; only its hash is stored."""
+        validate_device_id(device_id)
+        ttl = ttl_seconds or self._config.enrollment_token_ttl_seconds
+        if not 60 <= ttl <= self._config.max_enrollment_token_ttl_seconds:
+            raise InvalidArgument(
+                f"ttl_seconds must be between 60 and {self._config.max_enrollment_token_ttl_seconds}"
+            )
+        token = new_enrollment_token()
+        now = self._now()
+        with self._store.transaction() as tx:
+            existing = tx.get_device(device_id)
+            if existing is not None and existing.state is DeviceState.REVOKED:
+                raise FailedPrecondition(f"device {device_id} is revoked; enroll it under a new device_id")
+            tx.insert_enrollment_token(
+                EnrollmentTokenRecord(secret_hash(token), device_id, now, now + ttl, actor.spiffe_id)
+            )
+            self._audit(
+                tx,
+                AuditEvent(actor.spiffe_id, "enrollment_token.created", device_id, {"expires_at": now + ttl}),
+            )
+        return EnrollmentToken(device_id, token, now + ttl)
+
+    # -- enrollment ------------------------------------------------------------------------------
+    def enroll_with_token(self, csr_pem: str, token: str) -> Enrollment:
+        """Enroll with a one-time token. The CSR is checked before the token is touched."""
+        key = public_key_from_csr(csr_pem)
+        if not token:
+            raise InvalidArgument("enrollment_token is required (or enroll over the factory listener)")
+        if len(token) > MAX_TOKEN_CHARS or not token.startswith(ENROLLMENT_TOKEN_PREFIX):
+            self._deny(
+                PermissionDenied("enrollment token is invalid, expired or already used"),
+                AuditEvent("anonymous", "device.enroll.denied", "", {"reason": "malformed token"}),
+            )
+        token_hash = secret_hash(token)
+        now = self._now()
+        with self._store.transaction() as tx:
+            record = tx.consume_enrollment_token(token_hash, now)
+            if record is None:
+                reason = _token_refusal_reason(tx.get_enrollment_token(token_hash), now)
+            else:
+                identity = device(self._config.trust_domain, record.device_id)
+                refusal = self._enrollment_refusal(tx, identity, key)
+                if refusal is None:
+                    return self._enroll(tx, identity, key, via="token")
+                reason = refusal
+        subject = record.device_id if record else ""
+        self._deny(
+            PermissionDenied(_refusal_message(reason)),
+            AuditEvent("anonymous", "device.enroll.denied", subject, {"reason": reason, "via": "token"}),
+        )
+
+    def enroll_with_birth_certificate(self, csr_pem: str, birth_device_id: str, birth_serial: str) -> Enrollment:
+        """Enroll (or re-enroll) the device a TLS-verified factory birth certificate names."""
+        key = public_key_from_csr(csr_pem)
+        identity = device(self._config.trust_domain, birth_device_id)
+        with self._store.transaction() as tx:
+            refusal = self._enrollment_refusal(tx, identity, key)
+            if refusal is None:
+                return self._enroll(tx, identity, key, via=f"birth:{birth_serial}")
+        self._deny(
+            PermissionDenied(_refusal_message(refusal)),
+            AuditEvent(
+                f"birth:{birth_serial}",
+                "device.enroll.denied",
+                identity.name,
+                {"reason": refusal, "via": "birth"},
+            ),
+        )
+
+    def _enrollment_refusal(self, tx: Transaction, identity: Identity, key: PublicKey) -> str | None:
+        existing = tx.get_device(identity.name)
+        if existing is not None and existing.state is DeviceState.REVOKED:
+            return "device revoked"
+        if not self._key_is_free(tx, key, identity):
+            return "key bound to another identity"
+        return None
+
+    def _enroll(self, tx: Transaction, identity: Identity, key: PublicKey, via: str) -> Enrollment:
+        lifetime = dt.timedelta(days=self._config.device_cert_days)
+        issued = self._ca.issue(key, identity, lifetime)
+        claim_code = new_claim_code()
+        existing = tx.get_device(identity.name)
+        if existing is None:
+            tx.insert_device(
+                DeviceRecord(identity.name, DeviceState.ACTIVE, self._now(), via, secret_hash(claim_code))
+            )
+        elif existing.claim_code_hash is not None:
+            tx.set_claim_code_hash(identity.name, secret_hash(claim_code))  # old code dies here
+        else:
+            claim_code = ""  # already owned: no claim code to hand out
+        self._record(tx, identity, issued, key)
+        superseded = tx.supersede_certificates(identity.spiffe_id, issued.serial, self._now())
+        self._audit(
+            tx,
+            AuditEvent(
+                via if via.startswith("birth:") else "anonymous",
+                "device.enrolled",
+                identity.name,
+                {"serial": issued.serial, "via": via.split(":")[0], "superseded": superseded},
+            ),
+        )
+        return Enrollment(identity, issued, claim_code)
+
+    # -- renewal ---------------------------------------------------------------------------------
+    def renew(self, caller: Identity, csr_pem: str) -> IssuedCertificate:
+        """A new certificate for the caller's own identity; the old one is superseded."""
+        key = public_key_from_csr(csr_pem)
+        if caller.kind is not Kind.DEVICE:
+            raise PermissionDenied("only device certificates are renewed here")
+        with self._store.transaction() as tx:
+            record = tx.get_device(caller.name)
+            if record is None or record.state is not DeviceState.ACTIVE:
+                raise Unauthenticated("device is not active")
+            if not self._key_is_free(tx, key, caller):
+                raise PermissionDenied(_refusal_message("key bound to another identity"))
+            issued = self._ca.issue(key, caller, dt.timedelta(days=self._config.device_cert_days))
+            self._record(tx, caller, issued, key)
+            superseded = tx.supersede_certificates(caller.spiffe_id, issued.serial, self._now())
+            self._audit(
+                tx,
+                AuditEvent(
+                    caller.spiffe_id,
+                    "certificate.renewed",
+                    caller.name,
+                    {"serial": issued.serial, "superseded": superseded},
+                ),
+            )
+        return issued
+
+    # -- revocation ------------------------------------------------------------------------------
+    def revoke_device(self, actor: Identity, device_id: str, reason: str) -> list[str]:
+        """Revoke the device and every certificate it holds; returns the revoked serials."""
+        validate_device_id(device_id)
+        if len(reason) > 200:
+            raise InvalidArgument("reason must be at most 200 characters")
+        identity = device(self._config.trust_domain, device_id)
+        now = self._now()
+        with self._store.transaction() as tx:
+            record = tx.get_device(device_id)
+            if record is None:
+                raise NotFound(f"no device {device_id}")
+            if record.state is DeviceState.REVOKED:
+                raise FailedPrecondition(f"device {device_id} is already revoked")
+            tx.revoke_device(device_id, now)
+            serials = tx.revoke_certificates(identity.spiffe_id, now, reason or "unspecified")
+            self._audit(
+                tx,
+                AuditEvent(actor.spiffe_id, "device.revoked", device_id, {"serials": serials, "reason": reason}),
+            )
+        return serials
+
+    # -- queries ---------------------------------------------------------------------------------
+    def list_devices(self) -> list[DeviceStatus]:
+        """Every device with its newest active certificate."""
+        with self._store.read() as tx:
+            result = []
+            for record in tx.list_devices():
+                certs = tx.certificates_of(device(self._config.trust_domain, record.device_id).spiffe_id)
+                active = [c for c in certs if c.status is CertStatus.ACTIVE]
+                result.append(DeviceStatus(record, active[-1] if active else None))
+            return result
+
+    def record_presence(self, device_id: str, trust_bundle_version: str) -> None:
+        """Remember that the device attached now holding that trust bundle version."""
+        with self._store.transaction() as tx:
+            tx.record_presence(device_id, self._now(), trust_bundle_version)
+
+    # -- per-call certificate check (I1, I7) -------------------------------------------------------
+    def check_presented(self, identity: Identity, cert: x509.Certificate, serial: str, fp: str) -> None:
+        """Refuse a verified peer certificate this broker did not issue or no longer honours."""
+        now = self._now()
+        if unix(cert.not_valid_after_utc) <= now:
+            raise Unauthenticated("certificate has expired: renew or re-enroll")
+        if unix(cert.not_valid_before_utc) > now:
+            raise Unauthenticated("certificate is not yet valid: check the device clock")
+        with self._store.read() as tx:
+            record = tx.get_certificate(serial)
+            if record is None or record.fingerprint != fp or record.spiffe_id != identity.spiffe_id:
+                raise Unauthenticated("certificate was not issued by this broker")
+            if record.status is CertStatus.REVOKED:
+                raise Unauthenticated("certificate has been revoked")
+            if record.status is CertStatus.SUPERSEDED and (
+                record.superseded_at is None
+                or now > record.superseded_at + self._config.superseded_grace_seconds
+            ):
+                raise Unauthenticated("certificate was replaced by a renewal: use the new certificate")
+            if identity.kind is Kind.DEVICE:
+                dev = tx.get_device(identity.name)
+                if dev is None or dev.state is not DeviceState.ACTIVE:
+                    raise Unauthenticated("device has been revoked")
+
+    def register_local_certificate(self, identity: Identity, cert: x509.Certificate, actor: str) -> bool:
+        """Record a certificate issued offline (operator, broker) if the store lacks it."""
+        from broker.ca import fingerprint, serial_hex
+
+        serial = serial_hex(cert.serial_number)
+        key = cert.public_key()
+        with self._store.transaction() as tx:
+            if tx.get_certificate(serial) is not None:
+                return False
+            tx.insert_certificate(
+                CertificateRecord(
+                    serial=serial,
+                    spiffe_id=identity.spiffe_id,
+                    kind=identity.kind.value,
+                    subject=identity.spiffe_id,
+                    spki_sha256=spki_sha256(key),  # type: ignore[arg-type]
+                    fingerprint=fingerprint(cert),
+                    not_before=unix(cert.not_valid_before_utc),
+                    not_after=unix(cert.not_valid_after_utc),
+                    status=CertStatus.ACTIVE,
+                    issued_at=self._now(),
+                )
+            )
+            self._audit(
+                tx, AuditEvent(actor, "certificate.issued", identity.spiffe_id, {"serial": serial, "offline": True})
+            )
+        return True
+
+
+def _token_refusal_reason(record: EnrollmentTokenRecord | None, now: int) -> str:
+    if record is None:
+        return "unknown token"
+    if record.used_at is not None:
+        return "token already used"
+    if record.expires_at <= now:
+        return "token expired"
+    return "token refused"
+
+
+def _refusal_message(reason: str) -> str:
+    if reason == "device revoked":
+        return "this device has been revoked and cannot enroll again"
+    if reason == "key bound to another identity":
+        return "this public key already belongs to another identity: generate a new key on the device"
+    # Unknown, used and expired tokens look the same to the caller.
+    return "enrollment token is invalid, expired or already used"

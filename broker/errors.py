@@ -1,0 +1,55 @@
+"""The one error tree of the broker core.
+
+Core modules raise these; ``broker.service.status`` maps each class to exactly one gRPC status code.
+Messages are shown to callers (firmware authors), so they say what to fix and never carry secrets.
+"""
+
+from __future__ import annotations
+
+
+class BrokerError(Exception):
+    """Base of every error the broker reports to a caller."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(BrokerError):
+    """The request is malformed; fixing the request can make it succeed."""
+
+
+class Unauthenticated(BrokerError):
+    """The caller's credentials are missing, unknown, expired or revoked."""
+
+
+class PermissionDenied(BrokerError):
+    """The caller is authenticated but may not do this (or the secret it presented is not valid)."""
+
+
+class NotFound(BrokerError):
+    """The named object does not exist."""
+
+
+class AlreadyExists(BrokerError):
+    """The object to create exists already."""
+
+
+class FailedPrecondition(BrokerError):
+    """The system is not in a state where this can be done (e.g. the device is revoked)."""
+
+
+class ResourceExhausted(BrokerError):
+    """A rate limit or capacity limit was hit; retry later."""
+
+    def __init__(self, message: str, retry_after_seconds: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class Unavailable(BrokerError):
+    """Transient: the broker cannot serve this right now."""
+
+
+class ConfigurationError(BrokerError):
+    """The broker is misconfigured; raised at start-up, never per request."""

@@ -1,0 +1,83 @@
+"""Which devices are attached right now, and a way to end their Attach streams.
+
+Lives on the event loop (asyncio only, no grpc). Each Attach stream owns an outbox; the broker ends
+a stream by putting a BrokerError in it, which the stream's handler turns into its final status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from broker.errors import BrokerError, Unauthenticated
+
+
+class StreamClosed:
+    """Outbox marker: the device closed its side."""
+
+
+CLOSED = StreamClosed()
+
+
+@dataclass(eq=False)
+class AttachHandle:
+    """One live Attach stream."""
+
+    device_id: str
+    serial: str
+    outbox: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
+    ended: bool = False
+
+    def send(self, message: object) -> None:
+        """Queue a message for the device (dropped if the stream already ended)."""
+        if not self.ended:
+            self.outbox.put_nowait(message)
+
+    def end(self, error: BrokerError) -> None:
+        """End the stream with error as its status."""
+        if not self.ended:
+            self.ended = True
+            self.outbox.put_nowait(error)
+
+
+class Presence:
+    """Registry of live Attach streams, at most one per device."""
+
+    def __init__(self) -> None:
+        self._by_device: dict[str, AttachHandle] = {}
+
+    def attach(self, device_id: str, serial: str) -> AttachHandle:
+        """Register a new stream; an older stream of the same device is ended (reconnect wins)."""
+        old = self._by_device.get(device_id)
+        if old is not None:
+            old.end(Unauthenticated("replaced by a newer Attach stream from the same device"))
+        handle = AttachHandle(device_id, serial)
+        self._by_device[device_id] = handle
+        return handle
+
+    def detach(self, handle: AttachHandle) -> None:
+        """Forget a stream that has finished (only if it is still the registered one)."""
+        handle.ended = True
+        if self._by_device.get(handle.device_id) is handle:
+            del self._by_device[handle.device_id]
+
+    def is_online(self, device_id: str) -> bool:
+        return device_id in self._by_device
+
+    def online_count(self) -> int:
+        return len(self._by_device)
+
+    def end_device(self, device_id: str, error: BrokerError) -> int:
+        """End the device's stream, if any; returns how many were ended."""
+        handle = self._by_device.pop(device_id, None)
+        if handle is None:
+            return 0
+        handle.end(error)
+        return 1
+
+    def end_serials(self, serials: set[str], error: BrokerError) -> int:
+        """End every stream authenticated with one of these certificate serials."""
+        hit = [h for h in self._by_device.values() if h.serial in serials]
+        for handle in hit:
+            self.end_device(handle.device_id, error)
+        return len(hit)

@@ -1,0 +1,1 @@
+"""gRPC transport: listeners, the identity interceptor and thin per-service handlers."""

@@ -1,0 +1,57 @@
+"""Bootstrap service: trust bundle and device enrollment (token or factory birth certificate)."""
+
+from __future__ import annotations
+
+import grpc
+
+from broker._proto.broker.v1 import bootstrap_pb2, bootstrap_pb2_grpc
+from broker.clock import unix
+from broker.devices import Enrollment
+from broker.errors import InvalidArgument
+from broker.identity import Kind
+from broker.service.convert import trust_bundle_pb
+from broker.service.interceptor import current_caller
+from broker.service.runtime import Runtime
+
+
+class BootstrapService(bootstrap_pb2_grpc.BootstrapServicer):  # type: ignore[misc]
+    """Thin handlers: protobuf in, core call, protobuf out."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+
+    async def GetTrustBundle(
+        self, request: bootstrap_pb2.GetTrustBundleRequest, context: grpc.aio.ServicerContext
+    ) -> bootstrap_pb2.GetTrustBundleResponse:
+        return bootstrap_pb2.GetTrustBundleResponse(trust_bundle=trust_bundle_pb(self._rt.trust_bundle))
+
+    async def EnrollDevice(
+        self, request: bootstrap_pb2.EnrollDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> bootstrap_pb2.EnrollDeviceResponse:
+        caller = current_caller()
+        if caller.identity.kind is Kind.BIRTH:
+            if request.enrollment_token:
+                raise InvalidArgument("send no enrollment_token when enrolling with a birth certificate")
+            enrollment = await self._rt.run(
+                self._rt.devices.enroll_with_birth_certificate,
+                request.csr_pem,
+                caller.identity.name,
+                caller.serial,
+            )
+        else:
+            enrollment = await self._rt.run(
+                self._rt.devices.enroll_with_token, request.csr_pem, request.enrollment_token
+            )
+        return self._response(enrollment)
+
+    def _response(self, enrollment: Enrollment) -> bootstrap_pb2.EnrollDeviceResponse:
+        issued = enrollment.issued
+        return bootstrap_pb2.EnrollDeviceResponse(
+            device_id=enrollment.identity.name,
+            spiffe_id=enrollment.identity.spiffe_id,
+            certificate_chain_pem=issued.chain_pem,
+            trust_bundle=trust_bundle_pb(self._rt.trust_bundle),
+            not_after=unix(issued.not_after),
+            renew_after=unix(issued.renew_after),
+            claim_code=enrollment.claim_code,
+        )

@@ -1,0 +1,81 @@
+"""Reading the verified TLS peer certificate into an Identity, parsed once per distinct PEM."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import grpc
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+
+from broker.ca import fingerprint, serial_hex
+from broker.errors import BrokerError, Unauthenticated
+from broker.identity import ANONYMOUS, Identity, Kind, birth_device_id, from_certificate
+
+PEM_KEY = "x509_pem_cert"
+CACHE_SIZE = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The verified party behind an RPC (I1): derived from the TLS peer certificate only."""
+
+    identity: Identity
+    certificate: x509.Certificate | None = None
+    serial: str = ""
+    fingerprint: str = ""
+
+
+ANONYMOUS_CALLER = Caller(ANONYMOUS)
+
+
+def peer_pem(context: grpc.aio.ServicerContext) -> bytes | None:
+    """The PEM of the certificate the TLS layer verified for this call, if the peer sent one."""
+    values = context.auth_context().get(PEM_KEY)
+    return values[0] if values else None
+
+
+class PeerParser:
+    """Turns verified peer PEMs into Callers; results (and failures) are cached per PEM."""
+
+    def __init__(self, trust_domain: str, issuers: list[x509.Certificate]) -> None:
+        self._trust_domain = trust_domain
+        self._issuers = issuers
+        self._cache: OrderedDict[tuple[bytes, Kind], Caller | BrokerError] = OrderedDict()
+
+    def parse(self, pem: bytes, expected: Kind) -> Caller:
+        """Caller for pem under the listener's expectation (BIRTH or certificate identity)."""
+        key = (pem, Kind.BIRTH if expected is Kind.BIRTH else Kind.DEVICE)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._parse_uncached(pem, expected)
+            self._cache[key] = hit
+            if len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        if isinstance(hit, BrokerError):
+            raise hit
+        return hit
+
+    def _parse_uncached(self, pem: bytes, expected: Kind) -> Caller | BrokerError:
+        try:
+            cert = x509.load_pem_x509_certificate(pem)
+            if not any(_issued_by(cert, issuer) for issuer in self._issuers):
+                return Unauthenticated("certificate was not issued by a CA this listener trusts")
+            if expected is Kind.BIRTH:
+                identity = Identity(Kind.BIRTH, "", birth_device_id(cert))
+            else:
+                identity = from_certificate(cert, self._trust_domain)
+            return Caller(identity, cert, serial_hex(cert.serial_number), fingerprint(cert))
+        except BrokerError as error:
+            return error
+        except ValueError:
+            return Unauthenticated("peer certificate could not be parsed")
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True

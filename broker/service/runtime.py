@@ -1,0 +1,39 @@
+"""What the gRPC handlers share: config, core authorities, presence, and the store thread."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar
+
+from broker.clock import Clock
+from broker.config import Config
+from broker.devices import DeviceAuthority
+from broker.presence import Presence
+from broker.trust import TrustBundle
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+@dataclass
+class Runtime:
+    """Shared state of one running broker. Core calls that touch the store or sign run on a
+    dedicated thread so the event loop keeps serving streams while SQLite fsyncs."""
+
+    config: Config
+    clock: Clock
+    devices: DeviceAuthority
+    presence: Presence
+    trust_bundle: TrustBundle
+    executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="broker-core")
+    )
+
+    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a blocking core call on the core thread and await its result."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))

@@ -1,0 +1,227 @@
+"""Building and running the broker's listeners.
+
+- bootstrap: TLS, no client certificate; Bootstrap, health and reflection.
+- factory:   mutual TLS against the factory CA; Bootstrap for cameras holding a birth certificate.
+- main:      mutual TLS against the root; DeviceService and AdminService.
+
+Each listener has its own ACL table; a registered RPC missing from it stops start-up (I3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from broker._proto.broker.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    bootstrap_pb2,
+    bootstrap_pb2_grpc,
+    device_pb2,
+    device_pb2_grpc,
+)
+from broker.ca import PkiFiles, load_authority
+from broker.clock import Clock, SystemClock
+from broker.config import Config
+from broker.devices import DeviceAuthority
+from broker.errors import ConfigurationError
+from broker.identity import Identity, Kind, from_certificate
+from broker.pemfile import read_certificates
+from broker.presence import Presence
+from broker.service.admin import AdminService
+from broker.service.bootstrap import BootstrapService
+from broker.service.device import DeviceService
+from broker.service.interceptor import (
+    IdentityInterceptor,
+    anonymous_authenticator,
+    certificate_authenticator,
+)
+from broker.service.peer import Caller, PeerParser
+from broker.service.runtime import Runtime
+from broker.store.sqlite import SqliteStore
+from broker.trust import load_trust_bundle
+
+log = logging.getLogger("broker.server")
+
+
+@dataclass(frozen=True)
+class Binding:
+    """A service on a listener, with the one identity kind each of its RPCs admits."""
+
+    descriptor: ServiceDescriptor
+    add: Callable[[Any, Any], None]
+    servicer: object
+    kinds: dict[str, Kind]
+
+
+def acl_table(bindings: list[Binding]) -> dict[str, Kind]:
+    """Full method name → kind for every RPC of every binding; unmapped RPCs fail start-up (I3)."""
+    table: dict[str, Kind] = {}
+    for binding in bindings:
+        unknown = set(binding.kinds) - {m.name for m in binding.descriptor.methods}
+        if unknown:
+            raise ConfigurationError(f"ACL names RPCs {binding.descriptor.full_name} lacks: {sorted(unknown)}")
+        for method in binding.descriptor.methods:
+            if method.name not in binding.kinds:
+                raise ConfigurationError(
+                    f"RPC /{binding.descriptor.full_name}/{method.name} has no identity kind in the ACL"
+                )
+            table[f"/{binding.descriptor.full_name}/{method.name}"] = binding.kinds[method.name]
+    return table
+
+
+def every(descriptor: ServiceDescriptor, kind: Kind) -> dict[str, Kind]:
+    """Map every RPC of a service to one kind."""
+    return {m.name: kind for m in descriptor.methods}
+
+
+def _service(module: Any, name: str) -> ServiceDescriptor:
+    descriptor: ServiceDescriptor = module.DESCRIPTOR.services_by_name[name]
+    return descriptor
+
+
+class BrokerServer:
+    """The three listeners of one broker process, sharing one Runtime."""
+
+    def __init__(self, config: Config, clock: Clock | None = None, store: SqliteStore | None = None) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.files = PkiFiles(config.certs_dir)
+        self.store = store or SqliteStore(config.database)
+        authority = load_authority(config, self.clock)
+        self.devices = DeviceAuthority(config, authority, self.store, self.clock)
+        self.runtime = Runtime(config, self.clock, self.devices, Presence(), load_trust_bundle(config))
+        self._issuers = [authority.certificate]
+        self._servers: list[grpc.aio.Server] = []
+        self.ports: dict[str, int] = {}
+        self._register_offline_certificates()
+
+    def _register_offline_certificates(self) -> None:
+        """Operator and broker certificates are issued offline; make sure the store knows them."""
+        for path in (self.files.operator_chain, self.files.server_chain):
+            if path.exists():
+                cert = read_certificates(path)[0]
+                identity: Identity = from_certificate(cert, self.config.trust_domain)
+                self.devices.register_local_certificate(identity, cert, "broker")
+
+    # -- credentials ---------------------------------------------------------------------------
+    def _server_pair(self) -> tuple[bytes, bytes]:
+        return self.files.server_key.read_bytes(), self.files.server_chain.read_bytes()
+
+    def _bootstrap_credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([self._server_pair()])
+
+    def _factory_credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [self._server_pair()], root_certificates=self.files.factory_cert.read_bytes(), require_client_auth=True
+        )
+
+    def _main_credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [self._server_pair()], root_certificates=self.files.ca_bundle.read_bytes(), require_client_auth=True
+        )
+
+    # -- listeners -----------------------------------------------------------------------------
+    def _options(self) -> list[tuple[str, Any]]:
+        return [
+            ("grpc.max_receive_message_length", self.config.max_message_bytes),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.so_reuseport", 0),
+        ]
+
+    async def _check_certificate(self, caller: Caller) -> None:
+        assert caller.certificate is not None
+        await self.runtime.run(
+            self.devices.check_presented, caller.identity, caller.certificate, caller.serial, caller.fingerprint
+        )
+
+    def _listener(
+        self,
+        name: str,
+        address: str,
+        credentials: grpc.ServerCredentials,
+        bindings: list[Binding],
+        authenticate: Any,
+    ) -> grpc.aio.Server:
+        acl = acl_table(bindings)
+        server = grpc.aio.server(interceptors=[IdentityInterceptor(acl, authenticate)], options=self._options())
+        for binding in bindings:
+            binding.add(binding.servicer, server)
+        port = server.add_secure_port(address, credentials)
+        if port == 0:
+            raise ConfigurationError(f"cannot listen on {address} for the {name} listener")
+        self.ports[name] = port
+        return server
+
+    def _build(self) -> list[grpc.aio.Server]:
+        rt = self.runtime
+        bootstrap_desc = _service(bootstrap_pb2, "Bootstrap")
+        bootstrap = BootstrapService(rt)
+        health_servicer = health.aio.HealthServicer()
+        main_parser = PeerParser(self.config.trust_domain, self._issuers)
+        factory_parser = PeerParser(self.config.trust_domain, read_certificates(self.files.factory_cert))
+        public = [
+            Binding(bootstrap_desc, bootstrap_pb2_grpc.add_BootstrapServicer_to_server, bootstrap,
+                    every(bootstrap_desc, Kind.ANONYMOUS)),
+            Binding(_service(health_pb2, "Health"), health_pb2_grpc.add_HealthServicer_to_server,
+                    health_servicer, every(_service(health_pb2, "Health"), Kind.ANONYMOUS)),
+        ]
+        reflection_desc = _service(reflection_pb2, "ServerReflection")
+        exposed = [bootstrap_desc.full_name, "broker.v1.DeviceService", "broker.v1.AdminService",
+                   reflection.SERVICE_NAME]
+        public.append(
+            Binding(reflection_desc, lambda _servicer, server: reflection.enable_server_reflection(exposed, server),
+                    None, every(reflection_desc, Kind.ANONYMOUS))
+        )
+        bootstrap_server = self._listener(
+            "bootstrap", self.config.bootstrap_address, self._bootstrap_credentials(), public,
+            anonymous_authenticator(),
+        )
+        factory_server = self._listener(
+            "factory", self.config.factory_address, self._factory_credentials(),
+            [Binding(bootstrap_desc, bootstrap_pb2_grpc.add_BootstrapServicer_to_server, bootstrap,
+                     every(bootstrap_desc, Kind.BIRTH))],
+            certificate_authenticator(factory_parser.parse, None),
+        )
+        device_desc = _service(device_pb2, "DeviceService")
+        admin_desc = _service(admin_pb2, "AdminService")
+        main_server = self._listener(
+            "main", self.config.main_address, self._main_credentials(),
+            [
+                Binding(device_desc, device_pb2_grpc.add_DeviceServiceServicer_to_server, DeviceService(rt),
+                        every(device_desc, Kind.DEVICE)),
+                Binding(admin_desc, admin_pb2_grpc.add_AdminServiceServicer_to_server, AdminService(rt),
+                        every(admin_desc, Kind.OPERATOR)),
+            ],
+            certificate_authenticator(main_parser.parse, self._check_certificate),
+        )
+        self._health = health_servicer
+        return [bootstrap_server, factory_server, main_server]
+
+    async def start(self) -> dict[str, int]:
+        """Bind and start all listeners; returns the bound ports by listener name."""
+        self._servers = self._build()
+        for server in self._servers:
+            await server.start()
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info("broker listening ports=%s trust_domain=%s", self.ports, self.config.trust_domain)
+        return dict(self.ports)
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        """Stop all listeners; streams get `grace` seconds to finish."""
+        await asyncio.gather(*(s.stop(grace) for s in self._servers))
+        self.runtime.executor.shutdown(wait=True)
+        self.store.close()
+
+    async def wait(self) -> None:
+        await asyncio.gather(*(s.wait_for_termination() for s in self._servers))

@@ -1,0 +1,27 @@
+"""The one table mapping BrokerError classes to gRPC status codes."""
+
+from __future__ import annotations
+
+import grpc
+
+from broker import errors
+
+STATUS_BY_ERROR: dict[type[errors.BrokerError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.ConfigurationError: grpc.StatusCode.INTERNAL,
+}
+
+
+def status_for(error: errors.BrokerError) -> grpc.StatusCode:
+    """The status code for an error: the nearest mapped class in its MRO; INTERNAL if none."""
+    for cls in type(error).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return grpc.StatusCode.INTERNAL

@@ -1,0 +1,61 @@
+"""Versioned schema migrations for the SQLite store. Append new versions; never edit old ones."""
+
+from __future__ import annotations
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # v1: devices, certificates, enrollment tokens, hash-chained audit log.
+    (
+        """CREATE TABLE devices (
+            device_id TEXT PRIMARY KEY,
+            state TEXT NOT NULL CHECK (state IN ('active', 'revoked')),
+            created_at INTEGER NOT NULL,
+            enrolled_via TEXT NOT NULL,
+            claim_code_hash TEXT,
+            revoked_at INTEGER
+        )""",
+        """CREATE TABLE certificates (
+            serial TEXT PRIMARY KEY,
+            spiffe_id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            spki_sha256 TEXT NOT NULL,
+            fingerprint TEXT NOT NULL UNIQUE,
+            not_before INTEGER NOT NULL,
+            not_after INTEGER NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('active', 'superseded', 'revoked')),
+            issued_at INTEGER NOT NULL,
+            superseded_by TEXT REFERENCES certificates(serial),
+            superseded_at INTEGER,
+            revoked_at INTEGER,
+            revocation_reason TEXT
+        )""",
+        "CREATE INDEX certificates_subject ON certificates(subject)",
+        "CREATE INDEX certificates_spki ON certificates(spki_sha256)",
+        """CREATE TABLE enrollment_tokens (
+            token_hash TEXT PRIMARY KEY,
+            device_id TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL,
+            created_by TEXT NOT NULL,
+            used_at INTEGER
+        )""",
+        """CREATE TABLE audit_log (
+            seq INTEGER PRIMARY KEY,
+            at_ms INTEGER NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            detail TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL UNIQUE
+        )""",
+    ),
+    # v2: remember when each device last attached and which trust bundle it held (rotation status).
+    (
+        "ALTER TABLE devices ADD COLUMN last_seen_at INTEGER",
+        "ALTER TABLE devices ADD COLUMN trust_bundle_version TEXT",
+        "CREATE INDEX enrollment_tokens_device ON enrollment_tokens(device_id)",
+    ),
+)
+
+LATEST_VERSION = len(MIGRATIONS)

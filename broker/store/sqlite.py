@@ -1,0 +1,279 @@
+"""SQLite store (the embedded default): WAL, synchronous=FULL, serialized writers.
+
+Writers take the database lock up front (BEGIN IMMEDIATE), so every read-check-write in a
+transaction is atomic across threads and processes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from broker.audit import GENESIS, AuditEntry, AuditEvent, canonical_detail, entry_hash
+from broker.store.base import (
+    CertificateRecord,
+    CertStatus,
+    DeviceRecord,
+    DeviceState,
+    EnrollmentTokenRecord,
+)
+from broker.store.schema import LATEST_VERSION, MIGRATIONS
+
+DEVICE_COLUMNS = (
+    "device_id, state, created_at, enrolled_via, claim_code_hash, revoked_at, last_seen_at, "
+    "trust_bundle_version"
+)
+CERT_COLUMNS = (
+    "serial, spiffe_id, kind, subject, spki_sha256, fingerprint, not_before, not_after, status, "
+    "issued_at, superseded_by, superseded_at, revoked_at, revocation_reason"
+)
+TOKEN_COLUMNS = "token_hash, device_id, created_at, expires_at, created_by, used_at"
+
+
+def _device(row: sqlite3.Row | tuple[Any, ...]) -> DeviceRecord:
+    return DeviceRecord(row[0], DeviceState(row[1]), *row[2:])
+
+
+def _cert(row: sqlite3.Row | tuple[Any, ...]) -> CertificateRecord:
+    values = list(row)
+    values[8] = CertStatus(values[8])
+    return CertificateRecord(*values)
+
+
+class SqliteTransaction:
+    """Transaction over one SQLite connection; see ``broker.store.base.Transaction``."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def _one(self, sql: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        row: tuple[Any, ...] | None = self._conn.execute(sql, args).fetchone()
+        return row
+
+    # devices
+    def get_device(self, device_id: str) -> DeviceRecord | None:
+        row = self._one(f"SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = ?", (device_id,))
+        return _device(row) if row else None
+
+    def insert_device(self, device: DeviceRecord) -> None:
+        self._conn.execute(
+            f"INSERT INTO devices ({DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                device.device_id,
+                device.state.value,
+                device.created_at,
+                device.enrolled_via,
+                device.claim_code_hash,
+                device.revoked_at,
+                device.last_seen_at,
+                device.trust_bundle_version,
+            ),
+        )
+
+    def set_claim_code_hash(self, device_id: str, claim_code_hash: str | None) -> None:
+        self._conn.execute(
+            "UPDATE devices SET claim_code_hash = ? WHERE device_id = ?", (claim_code_hash, device_id)
+        )
+
+    def revoke_device(self, device_id: str, at: int) -> None:
+        self._conn.execute(
+            "UPDATE devices SET state = 'revoked', revoked_at = ?, claim_code_hash = NULL "
+            "WHERE device_id = ?",
+            (at, device_id),
+        )
+
+    def list_devices(self) -> list[DeviceRecord]:
+        rows = self._conn.execute(f"SELECT {DEVICE_COLUMNS} FROM devices ORDER BY device_id")
+        return [_device(r) for r in rows]
+
+    def record_presence(self, device_id: str, at: int, trust_bundle_version: str) -> None:
+        self._conn.execute(
+            "UPDATE devices SET last_seen_at = ?, trust_bundle_version = ? WHERE device_id = ?",
+            (at, trust_bundle_version, device_id),
+        )
+
+    # certificates
+    def insert_certificate(self, cert: CertificateRecord) -> None:
+        self._conn.execute(
+            f"INSERT INTO certificates ({CERT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                cert.serial,
+                cert.spiffe_id,
+                cert.kind,
+                cert.subject,
+                cert.spki_sha256,
+                cert.fingerprint,
+                cert.not_before,
+                cert.not_after,
+                cert.status.value,
+                cert.issued_at,
+                cert.superseded_by,
+                cert.superseded_at,
+                cert.revoked_at,
+                cert.revocation_reason,
+            ),
+        )
+
+    def get_certificate(self, serial: str) -> CertificateRecord | None:
+        row = self._one(f"SELECT {CERT_COLUMNS} FROM certificates WHERE serial = ?", (serial,))
+        return _cert(row) if row else None
+
+    def certificates_of(self, subject: str) -> list[CertificateRecord]:
+        rows = self._conn.execute(
+            f"SELECT {CERT_COLUMNS} FROM certificates WHERE subject = ? ORDER BY issued_at, serial",
+            (subject,),
+        )
+        return [_cert(r) for r in rows]
+
+    def subjects_with_key(self, spki_sha256: str) -> set[str]:
+        rows = self._conn.execute(
+            "SELECT DISTINCT subject FROM certificates WHERE spki_sha256 = ?", (spki_sha256,)
+        )
+        return {r[0] for r in rows}
+
+    def supersede_certificates(self, subject: str, by_serial: str, at: int) -> list[str]:
+        rows = self._conn.execute(
+            "UPDATE certificates SET status = 'superseded', superseded_by = ?, superseded_at = ? "
+            "WHERE subject = ? AND status = 'active' AND serial != ? RETURNING serial",
+            (by_serial, at, subject, by_serial),
+        ).fetchall()
+        return sorted(r[0] for r in rows)
+
+    def revoke_certificates(self, subject: str, at: int, reason: str) -> list[str]:
+        rows = self._conn.execute(
+            "UPDATE certificates SET status = 'revoked', revoked_at = ?, revocation_reason = ? "
+            "WHERE subject = ? AND status != 'revoked' RETURNING serial",
+            (at, reason, subject),
+        ).fetchall()
+        return sorted(r[0] for r in rows)
+
+    # enrollment tokens
+    def insert_enrollment_token(self, token: EnrollmentTokenRecord) -> None:
+        self._conn.execute(
+            f"INSERT INTO enrollment_tokens ({TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                token.token_hash,
+                token.device_id,
+                token.created_at,
+                token.expires_at,
+                token.created_by,
+                token.used_at,
+            ),
+        )
+
+    def get_enrollment_token(self, token_hash: str) -> EnrollmentTokenRecord | None:
+        row = self._one(
+            f"SELECT {TOKEN_COLUMNS} FROM enrollment_tokens WHERE token_hash = ?", (token_hash,)
+        )
+        return EnrollmentTokenRecord(*row) if row else None
+
+    def consume_enrollment_token(self, token_hash: str, now: int) -> EnrollmentTokenRecord | None:
+        row = self._one(
+            "UPDATE enrollment_tokens SET used_at = ? "
+            "WHERE token_hash = ? AND used_at IS NULL AND expires_at > ? "
+            f"RETURNING {TOKEN_COLUMNS}",
+            (now, token_hash, now),
+        )
+        return EnrollmentTokenRecord(*row) if row else None
+
+    # audit
+    def append_audit(self, event: AuditEvent, at_ms: int) -> AuditEntry:
+        last = self._one("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1", ())
+        seq, prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS)
+        detail_json = canonical_detail(event.detail)
+        digest = entry_hash(prev_hash, seq, at_ms, event.actor, event.action, event.subject, detail_json)
+        self._conn.execute(
+            "INSERT INTO audit_log (seq, at_ms, actor, action, subject, detail, prev_hash, hash) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (seq, at_ms, event.actor, event.action, event.subject, detail_json, prev_hash, digest),
+        )
+        return AuditEntry(seq, at_ms, event.actor, event.action, event.subject, dict(event.detail), prev_hash, digest)
+
+
+class SqliteStore:
+    """The default store: one SQLite file, safe to share between threads and processes."""
+
+    def __init__(self, path: Path, *, migrate: bool = True) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._lock = threading.RLock()
+        for pragma in (
+            "PRAGMA journal_mode = WAL",
+            "PRAGMA synchronous = FULL",
+            "PRAGMA foreign_keys = ON",
+            "PRAGMA busy_timeout = 30000",
+        ):
+            self._conn.execute(pragma)
+        if migrate:
+            self.migrate()
+
+    def schema_version(self) -> int:
+        with self._lock:
+            self._conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = self._conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            return int(row[0] or 0)
+
+    def migrate(self, target: int = LATEST_VERSION) -> int:
+        """Apply pending migrations up to target, each in its own transaction; return the version."""
+        with self._lock:
+            current = self.schema_version()
+            if current > LATEST_VERSION:
+                raise RuntimeError(
+                    f"database schema v{current} is newer than this broker (v{LATEST_VERSION})"
+                )
+            for version in range(current + 1, target + 1):
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    if self.schema_version() >= version:  # another process got there first
+                        self._conn.execute("ROLLBACK")
+                        continue
+                    for statement in MIGRATIONS[version - 1]:
+                        self._conn.execute(statement)
+                    self._conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+            return self.schema_version()
+
+    @contextmanager
+    def transaction(self) -> Iterator[SqliteTransaction]:
+        """A serializable write transaction: commit on success, roll back on any exception."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield SqliteTransaction(self._conn)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    @contextmanager
+    def read(self) -> Iterator[SqliteTransaction]:
+        """A read-only snapshot (deferred transaction)."""
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                yield SqliteTransaction(self._conn)
+            finally:
+                self._conn.execute("ROLLBACK")
+
+    def audit_entries(self) -> Iterator[AuditEntry]:
+        """All audit entries in seq order."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT seq, at_ms, actor, action, subject, detail, prev_hash, hash "
+                "FROM audit_log ORDER BY seq"
+            ).fetchall()
+        for seq, at_ms, actor, action, subject, detail, prev_hash, digest in rows:
+            yield AuditEntry(seq, at_ms, actor, action, subject, json.loads(detail), prev_hash, digest)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

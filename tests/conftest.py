@@ -1,0 +1,105 @@
+"""Shared fixtures: a real broker (all three listeners, real mTLS) on port 0 in a temp home."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from broker.ca import PkiFiles, init_pki
+from broker.clock import FakeClock
+from broker.config import Config
+from broker.service.server import BrokerServer
+from broker.store.sqlite import SqliteStore
+from tests.helpers import Pki
+
+
+@dataclass
+class RunningBroker:
+    """A broker serving on loopback from a background thread, plus handles for assertions."""
+
+    config: Config
+    server: BrokerServer
+    loop: asyncio.AbstractEventLoop
+    clock: FakeClock
+    pki: Pki
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.server.ports['bootstrap']}"
+
+    @property
+    def main(self) -> str:
+        return f"127.0.0.1:{self.server.ports['main']}"
+
+    @property
+    def factory(self) -> str:
+        return f"127.0.0.1:{self.server.ports['factory']}"
+
+    def store(self) -> SqliteStore:
+        """A separate connection to the broker's database, for checking what was written."""
+        return SqliteStore(self.config.database)
+
+    def on_loop(self, coro: object, timeout: float = 10) -> object:
+        """Run a coroutine on the broker's event loop (e.g. to inspect presence)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+
+def start_broker(home: Path, clock: FakeClock | None = None, **overrides: object) -> RunningBroker:
+    """Create a dev PKI in home and start a broker on port 0 for every listener."""
+    clock = clock or FakeClock()
+    config = Config(
+        home=home,
+        bootstrap_address="127.0.0.1:0",
+        main_address="127.0.0.1:0",
+        factory_address="127.0.0.1:0",
+    ).with_overrides(**overrides)
+    init_pki(config, clock)
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    holder: dict[str, BrokerServer] = {}
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+
+        async def main() -> None:
+            server = BrokerServer(config, clock)
+            await server.start()
+            holder["server"] = server
+            started.set()
+
+        loop.run_until_complete(main())
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, name="broker-loop", daemon=True)
+    thread.start()
+    if not started.wait(30):
+        raise RuntimeError("broker did not start")
+    return RunningBroker(config, holder["server"], loop, clock, Pki(PkiFiles(config.certs_dir)))
+
+
+def stop_broker(broker: RunningBroker) -> None:
+    asyncio.run_coroutine_threadsafe(broker.server.stop(0.2), broker.loop).result(30)
+    broker.loop.call_soon_threadsafe(broker.loop.stop)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[RunningBroker]:
+    running = start_broker(tmp_path)
+    yield running
+    stop_broker(running)
+
+
+@pytest.fixture
+def operator_channel(broker: RunningBroker) -> Iterator[grpc.Channel]:
+    files = broker.pki.files
+    creds = grpc.ssl_channel_credentials(
+        files.ca_bundle.read_bytes(), files.operator_key.read_bytes(), files.operator_chain.read_bytes()
+    )
+    with grpc.secure_channel(broker.main, creds) as channel:
+        yield channel
