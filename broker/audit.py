@@ -84,7 +84,9 @@ def verify_chain(entries: Iterable[AuditEntry]) -> VerifyResult:
             canonical_detail(entry.detail),
         )
         if recomputed != entry.hash:
-            return VerifyResult(count, False, entry.seq, "entry content does not match its hash", prev_hash)
+            return VerifyResult(
+                count, False, entry.seq, "entry content does not match its hash", prev_hash
+            )
         prev_hash = entry.hash
         expected_seq += 1
     return VerifyResult(count, True, None, "", prev_hash)

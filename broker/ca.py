@@ -315,7 +315,11 @@ class IssuingAuthority:
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(subject.spiffe_id)]
         names += [x509.DNSName(n) for n in dns_names]
         names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
-        eku = ExtendedKeyUsageOID.SERVER_AUTH if profile is Profile.SERVER else ExtendedKeyUsageOID.CLIENT_AUTH
+        eku = (
+            ExtendedKeyUsageOID.SERVER_AUTH
+            if profile is Profile.SERVER
+            else ExtendedKeyUsageOID.CLIENT_AUTH
+        )
         common_name = dns_names[0] if dns_names else subject.name
         cert = (
             x509.CertificateBuilder()
@@ -333,9 +337,13 @@ class IssuingAuthority:
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
             .sign(self._key, hashes.SHA256())
         )
-        renew_after = now.replace(microsecond=0) + (not_after - now.replace(microsecond=0)) * RENEW_FRACTION
+        renew_after = (
+            now.replace(microsecond=0) + (not_after - now.replace(microsecond=0)) * RENEW_FRACTION
+        )
         chain = cert_pem(cert).decode("ascii") + self._cert_pem
-        return IssuedCertificate(cert, chain, serial_hex(serial), not_before, not_after, renew_after)
+        return IssuedCertificate(
+            cert, chain, serial_hex(serial), not_before, not_after, renew_after
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,7 +359,9 @@ def load_authority(config: Config, clock: Clock) -> IssuingAuthority:
     """The issuing CA from ``certs/`` (the root key is never loaded by a running broker)."""
     files = PkiFiles(config.certs_dir)
     if not files.issuing_key.exists() or not files.issuing_cert.exists():
-        raise ConfigurationError(f"no issuing CA in {files.root}: run `broker ca init` (make certs)")
+        raise ConfigurationError(
+            f"no issuing CA in {files.root}: run `broker ca init` (make certs)"
+        )
     cert = read_certificates(files.issuing_cert)[0]
     return IssuingAuthority(read_private_key(files.issuing_key), cert, config.trust_domain, clock)
 

@@ -69,5 +69,7 @@ def _accepted_key(csr: x509.CertificateSigningRequest) -> PublicKey:
 
 def spki_sha256(key: PublicKey) -> str:
     """Hex SHA-256 of the DER SubjectPublicKeyInfo: how the store recognises a reused key."""
-    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    der = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     return hashlib.sha256(der).hexdigest()

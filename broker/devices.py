@@ -26,7 +26,12 @@ from broker.errors import (
     Unauthenticated,
 )
 from broker.identity import Identity, Kind, device, validate_device_id
-from broker.onetime import ENROLLMENT_TOKEN_PREFIX, new_claim_code, new_enrollment_token, secret_hash
+from broker.onetime import (
+    ENROLLMENT_TOKEN_PREFIX,
+    new_claim_code,
+    new_enrollment_token,
+    secret_hash,
+)
 from broker.store import (
     CertificateRecord,
     CertStatus,
@@ -85,7 +90,9 @@ class DeviceAuthority:
             self._audit(tx, event)
         raise error
 
-    def _record(self, tx: Transaction, identity: Identity, issued: IssuedCertificate, key: PublicKey) -> None:
+    def _record(
+        self, tx: Transaction, identity: Identity, issued: IssuedCertificate, key: PublicKey
+    ) -> None:
         tx.insert_certificate(
             CertificateRecord(
                 serial=issued.serial,
@@ -120,13 +127,22 @@ class DeviceAuthority:
         with self._store.transaction() as tx:
             existing = tx.get_device(device_id)
             if existing is not None and existing.state is DeviceState.REVOKED:
-                raise FailedPrecondition(f"device {device_id} is revoked; enroll it under a new device_id")
+                raise FailedPrecondition(
+                    f"device {device_id} is revoked; enroll it under a new device_id"
+                )
             tx.insert_enrollment_token(
-                EnrollmentTokenRecord(secret_hash(token), device_id, now, now + ttl, actor.spiffe_id)
+                EnrollmentTokenRecord(
+                    secret_hash(token), device_id, now, now + ttl, actor.spiffe_id
+                )
             )
             self._audit(
                 tx,
-                AuditEvent(actor.spiffe_id, "enrollment_token.created", device_id, {"expires_at": now + ttl}),
+                AuditEvent(
+                    actor.spiffe_id,
+                    "enrollment_token.created",
+                    device_id,
+                    {"expires_at": now + ttl},
+                ),
             )
         return EnrollmentToken(device_id, token, now + ttl)
 
@@ -135,7 +151,9 @@ class DeviceAuthority:
         """Enroll with a one-time token. The CSR is checked before the token is touched."""
         key = public_key_from_csr(csr_pem)
         if not token:
-            raise InvalidArgument("enrollment_token is required (or enroll over the factory listener)")
+            raise InvalidArgument(
+                "enrollment_token is required (or enroll over the factory listener)"
+            )
         if len(token) > MAX_TOKEN_CHARS or not token.startswith(ENROLLMENT_TOKEN_PREFIX):
             self._deny(
                 PermissionDenied("enrollment token is invalid, expired or already used"),
@@ -156,10 +174,14 @@ class DeviceAuthority:
         subject = record.device_id if record else ""
         self._deny(
             PermissionDenied(_refusal_message(reason)),
-            AuditEvent("anonymous", "device.enroll.denied", subject, {"reason": reason, "via": "token"}),
+            AuditEvent(
+                "anonymous", "device.enroll.denied", subject, {"reason": reason, "via": "token"}
+            ),
         )
 
-    def enroll_with_birth_certificate(self, csr_pem: str, birth_device_id: str, birth_serial: str) -> Enrollment:
+    def enroll_with_birth_certificate(
+        self, csr_pem: str, birth_device_id: str, birth_serial: str
+    ) -> Enrollment:
         """Enroll (or re-enroll) the device a TLS-verified factory birth certificate names."""
         key = public_key_from_csr(csr_pem)
         identity = device(self._config.trust_domain, birth_device_id)
@@ -177,7 +199,9 @@ class DeviceAuthority:
             ),
         )
 
-    def _enrollment_refusal(self, tx: Transaction, identity: Identity, key: PublicKey) -> str | None:
+    def _enrollment_refusal(
+        self, tx: Transaction, identity: Identity, key: PublicKey
+    ) -> str | None:
         existing = tx.get_device(identity.name)
         if existing is not None and existing.state is DeviceState.REVOKED:
             return "device revoked"
@@ -192,7 +216,9 @@ class DeviceAuthority:
         existing = tx.get_device(identity.name)
         if existing is None:
             tx.insert_device(
-                DeviceRecord(identity.name, DeviceState.ACTIVE, self._now(), via, secret_hash(claim_code))
+                DeviceRecord(
+                    identity.name, DeviceState.ACTIVE, self._now(), via, secret_hash(claim_code)
+                )
             )
         elif existing.claim_code_hash is not None:
             tx.set_claim_code_hash(identity.name, secret_hash(claim_code))  # old code dies here
@@ -206,7 +232,11 @@ class DeviceAuthority:
                 via if via.startswith("birth:") else "anonymous",
                 "device.enrolled",
                 identity.name,
-                {"serial": issued.serial, "via": via.split(":")[0], "superseded": superseded},
+                {
+                    "serial": issued.serial,
+                    "via": via.split(":", maxsplit=1)[0],
+                    "superseded": superseded,
+                },
             ),
         )
         return Enrollment(identity, issued, claim_code)
@@ -247,15 +277,25 @@ class DeviceAuthority:
         now = self._now()
         with self._store.transaction() as tx:
             record = tx.get_device(device_id)
-            if record is None:
-                raise NotFound(f"no device {device_id}")
-            if record.state is DeviceState.REVOKED:
+            if record is not None and record.state is DeviceState.REVOKED:
                 raise FailedPrecondition(f"device {device_id} is already revoked")
-            tx.revoke_device(device_id, now)
+            cancelled = tx.cancel_enrollment_tokens(device_id, now)
+            if record is None:
+                if not cancelled:
+                    raise NotFound(f"no device {device_id} and no outstanding enrollment token for it")
+                # Never enrolled: keep a revoked record so the id cannot be enrolled later.
+                tx.insert_device(DeviceRecord(device_id, DeviceState.REVOKED, now, "never", None, now))
+            else:
+                tx.revoke_device(device_id, now)
             serials = tx.revoke_certificates(identity.spiffe_id, now, reason or "unspecified")
             self._audit(
                 tx,
-                AuditEvent(actor.spiffe_id, "device.revoked", device_id, {"serials": serials, "reason": reason}),
+                AuditEvent(
+                    actor.spiffe_id,
+                    "device.revoked",
+                    device_id,
+                    {"serials": serials, "reason": reason, "tokens_cancelled": cancelled},
+                ),
             )
         return serials
 
@@ -265,7 +305,9 @@ class DeviceAuthority:
         with self._store.read() as tx:
             result = []
             for record in tx.list_devices():
-                certs = tx.certificates_of(device(self._config.trust_domain, record.device_id).spiffe_id)
+                certs = tx.certificates_of(
+                    device(self._config.trust_domain, record.device_id).spiffe_id
+                )
                 active = [c for c in certs if c.status is CertStatus.ACTIVE]
                 result.append(DeviceStatus(record, active[-1] if active else None))
             return result
@@ -276,7 +318,9 @@ class DeviceAuthority:
             tx.record_presence(device_id, self._now(), trust_bundle_version)
 
     # -- per-call certificate check (I1, I7) -------------------------------------------------------
-    def check_presented(self, identity: Identity, cert: x509.Certificate, serial: str, fp: str) -> None:
+    def check_presented(
+        self, identity: Identity, cert: x509.Certificate, serial: str, fp: str
+    ) -> None:
         """Refuse a verified peer certificate this broker did not issue or no longer honours."""
         now = self._now()
         if unix(cert.not_valid_after_utc) <= now:
@@ -293,13 +337,17 @@ class DeviceAuthority:
                 record.superseded_at is None
                 or now > record.superseded_at + self._config.superseded_grace_seconds
             ):
-                raise Unauthenticated("certificate was replaced by a renewal: use the new certificate")
+                raise Unauthenticated(
+                    "certificate was replaced by a renewal: use the new certificate"
+                )
             if identity.kind is Kind.DEVICE:
                 dev = tx.get_device(identity.name)
                 if dev is None or dev.state is not DeviceState.ACTIVE:
                     raise Unauthenticated("device has been revoked")
 
-    def register_local_certificate(self, identity: Identity, cert: x509.Certificate, actor: str) -> bool:
+    def register_local_certificate(
+        self, identity: Identity, cert: x509.Certificate, actor: str
+    ) -> bool:
         """Record a certificate issued offline (operator, broker) if the store lacks it."""
         from broker.ca import fingerprint, serial_hex
 
@@ -323,7 +371,13 @@ class DeviceAuthority:
                 )
             )
             self._audit(
-                tx, AuditEvent(actor, "certificate.issued", identity.spiffe_id, {"serial": serial, "offline": True})
+                tx,
+                AuditEvent(
+                    actor,
+                    "certificate.issued",
+                    identity.spiffe_id,
+                    {"serial": serial, "offline": True},
+                ),
             )
         return True
 
@@ -342,6 +396,8 @@ def _refusal_message(reason: str) -> str:
     if reason == "device revoked":
         return "this device has been revoked and cannot enroll again"
     if reason == "key bound to another identity":
-        return "this public key already belongs to another identity: generate a new key on the device"
+        return (
+            "this public key already belongs to another identity: generate a new key on the device"
+        )
     # Unknown, used and expired tokens look the same to the caller.
     return "enrollment token is invalid, expired or already used"

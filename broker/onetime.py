@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-ENROLLMENT_TOKEN_PREFIX = "bet_"
+ENROLLMENT_TOKEN_PREFIX = "bet_"  # noqa: S105 (a prefix, not a secret)
 # Claim codes are typed by people: Crockford-style alphabet without 0/O/1/I/L/U.
 CLAIM_ALPHABET = "23456789ABCDEFGHJKMNPQRSTVWXYZ"
 CLAIM_GROUPS = 3

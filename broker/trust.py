@@ -33,4 +33,6 @@ def load_trust_bundle(config: Config, jwks_json: str = "") -> TrustBundle:
         raise ConfigurationError(f"no PKI in {files.root}: run `broker ca init` (make certs)")
     ca_pem = files.ca_bundle.read_text()
     issuing_pem = files.issuing_cert.read_text()
-    return TrustBundle(ca_pem, issuing_pem, jwks_json, bundle_version(ca_pem, issuing_pem, jwks_json))
+    return TrustBundle(
+        ca_pem, issuing_pem, jwks_json, bundle_version(ca_pem, issuing_pem, jwks_json)
+    )

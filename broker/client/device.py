@@ -98,7 +98,9 @@ class DeviceClient:
     def enrolled(self) -> bool:
         return self.state_path.exists() and self.chain_path.exists()
 
-    def _save(self, key: ec.EllipticCurvePrivateKey, chain_pem: str, state: DeviceState, bundle_pem: str) -> None:
+    def _save(
+        self, key: ec.EllipticCurvePrivateKey, chain_pem: str, state: DeviceState, bundle_pem: str
+    ) -> None:
         # Key first (0600), then chain, then state: a crash leaves either the old or new identity
         # usable, because state.json is written last.
         write_atomic(self.key_path, _key_pem(key), mode=0o600)
@@ -111,12 +113,18 @@ class DeviceClient:
     async def enroll(self, enrollment_token: str) -> DeviceState:
         """Enroll over the bootstrap listener with a one-time token."""
         key = ec.generate_private_key(ec.SECP256R1())
-        request = bootstrap_pb2.EnrollDeviceRequest(csr_pem=make_csr(key), enrollment_token=enrollment_token)
-        async with tls_channel(self.endpoints.bootstrap, self.bundle_path.read_bytes(), self.endpoints.server_name) as ch:
+        request = bootstrap_pb2.EnrollDeviceRequest(
+            csr_pem=make_csr(key), enrollment_token=enrollment_token
+        )
+        async with tls_channel(
+            self.endpoints.bootstrap, self.bundle_path.read_bytes(), self.endpoints.server_name
+        ) as ch:
             response = await bootstrap_pb2_grpc.BootstrapStub(ch).EnrollDevice(request, timeout=30)
         return self._store_enrollment(key, response)
 
-    async def enroll_with_birth_certificate(self, birth_chain_pem: bytes, birth_key_pem: bytes) -> DeviceState:
+    async def enroll_with_birth_certificate(
+        self, birth_chain_pem: bytes, birth_key_pem: bytes
+    ) -> DeviceState:
         """Enroll over the factory listener, proving identity with the factory birth certificate."""
         key = ec.generate_private_key(ec.SECP256R1())
         request = bootstrap_pb2.EnrollDeviceRequest(csr_pem=make_csr(key))
@@ -141,7 +149,9 @@ class DeviceClient:
             trust_bundle_version=response.trust_bundle.version,
             claim_code=response.claim_code,
         )
-        self._save(key, response.certificate_chain_pem, state, response.trust_bundle.ca_certificates_pem)
+        self._save(
+            key, response.certificate_chain_pem, state, response.trust_bundle.ca_certificates_pem
+        )
         return state
 
     # -- main listener -------------------------------------------------------------------------
@@ -160,7 +170,9 @@ class DeviceClient:
         key = ec.generate_private_key(ec.SECP256R1())
         request = device_pb2.RenewCertificateRequest(csr_pem=make_csr(key))
         async with self.channel() as ch:
-            response = await device_pb2_grpc.DeviceServiceStub(ch).RenewCertificate(request, timeout=30)
+            response = await device_pb2_grpc.DeviceServiceStub(ch).RenewCertificate(
+                request, timeout=30
+            )
         old = self.state
         state = DeviceState(
             device_id=old.device_id,
@@ -170,7 +182,9 @@ class DeviceClient:
             trust_bundle_version=response.trust_bundle.version,
             claim_code=old.claim_code,
         )
-        self._save(key, response.certificate_chain_pem, state, response.trust_bundle.ca_certificates_pem)
+        self._save(
+            key, response.certificate_chain_pem, state, response.trust_bundle.ca_certificates_pem
+        )
         return state
 
     async def renew_if_due(self, now: float | None = None) -> bool:
@@ -221,7 +235,9 @@ class AttachSession:
         self._sequence += 1
         await self.call.write(
             device_pb2.DeviceMessage(
-                heartbeat=device_pb2.Heartbeat(sequence=self._sequence, trust_bundle_version=self._bundle_version)
+                heartbeat=device_pb2.Heartbeat(
+                    sequence=self._sequence, trust_bundle_version=self._bundle_version
+                )
             )
         )
 

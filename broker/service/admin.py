@@ -10,7 +10,7 @@ from broker.service.interceptor import current_caller
 from broker.service.runtime import Runtime
 
 
-class AdminService(admin_pb2_grpc.AdminServiceServicer):  # type: ignore[misc]
+class AdminService(admin_pb2_grpc.AdminServiceServicer):
     """Thin handlers over the device authority."""
 
     def __init__(self, runtime: Runtime) -> None:
@@ -33,7 +33,10 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):  # type: ignore[misc]
         self, request: admin_pb2.RevokeDeviceRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RevokeDeviceResponse:
         serials = await self._rt.run(
-            self._rt.devices.revoke_device, current_caller().identity, request.device_id, request.reason
+            self._rt.devices.revoke_device,
+            current_caller().identity,
+            request.device_id,
+            request.reason,
         )
         closed = self._rt.presence.end_device(
             request.device_id, Unauthenticated("device certificate has been revoked")
@@ -53,8 +56,12 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):  # type: ignore[misc]
                     state=s.record.state.value,
                     online=self._rt.presence.is_online(s.record.device_id),
                     created_at=s.record.created_at,
-                    certificate_not_after=s.current_certificate.not_after if s.current_certificate else 0,
-                    certificate_serial=s.current_certificate.serial if s.current_certificate else "",
+                    certificate_not_after=s.current_certificate.not_after
+                    if s.current_certificate
+                    else 0,
+                    certificate_serial=s.current_certificate.serial
+                    if s.current_certificate
+                    else "",
                 )
                 for s in statuses
             ]

@@ -14,7 +14,7 @@ from broker.service.interceptor import current_caller
 from broker.service.runtime import Runtime
 
 
-class BootstrapService(bootstrap_pb2_grpc.BootstrapServicer):  # type: ignore[misc]
+class BootstrapService(bootstrap_pb2_grpc.BootstrapServicer):
     """Thin handlers: protobuf in, core call, protobuf out."""
 
     def __init__(self, runtime: Runtime) -> None:
@@ -23,7 +23,9 @@ class BootstrapService(bootstrap_pb2_grpc.BootstrapServicer):  # type: ignore[mi
     async def GetTrustBundle(
         self, request: bootstrap_pb2.GetTrustBundleRequest, context: grpc.aio.ServicerContext
     ) -> bootstrap_pb2.GetTrustBundleResponse:
-        return bootstrap_pb2.GetTrustBundleResponse(trust_bundle=trust_bundle_pb(self._rt.trust_bundle))
+        return bootstrap_pb2.GetTrustBundleResponse(
+            trust_bundle=trust_bundle_pb(self._rt.trust_bundle)
+        )
 
     async def EnrollDevice(
         self, request: bootstrap_pb2.EnrollDeviceRequest, context: grpc.aio.ServicerContext
@@ -31,7 +33,9 @@ class BootstrapService(bootstrap_pb2_grpc.BootstrapServicer):  # type: ignore[mi
         caller = current_caller()
         if caller.identity.kind is Kind.BIRTH:
             if request.enrollment_token:
-                raise InvalidArgument("send no enrollment_token when enrolling with a birth certificate")
+                raise InvalidArgument(
+                    "send no enrollment_token when enrolling with a birth certificate"
+                )
             enrollment = await self._rt.run(
                 self._rt.devices.enroll_with_birth_certificate,
                 request.csr_pem,

@@ -16,7 +16,7 @@ from broker.service.interceptor import abort_with, current_caller
 from broker.service.runtime import Runtime
 
 
-class DeviceService(device_pb2_grpc.DeviceServiceServicer):  # type: ignore[misc]
+class DeviceService(device_pb2_grpc.DeviceServiceServicer):
     """Handlers for cameras; the caller is always the device named by its certificate (I1)."""
 
     def __init__(self, runtime: Runtime) -> None:
@@ -64,7 +64,9 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):  # type: ignore[misc
         hello: device_pb2.Hello = first.hello
         return hello
 
-    async def _greet(self, context: grpc.aio.ServicerContext, hello: device_pb2.Hello, device_id: str) -> None:
+    async def _greet(
+        self, context: grpc.aio.ServicerContext, hello: device_pb2.Hello, device_id: str
+    ) -> None:
         await context.write(
             device_pb2.BrokerMessage(
                 accepted=device_pb2.AttachAccepted(
@@ -78,13 +80,19 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):  # type: ignore[misc
         if hello.trust_bundle_version != bundle.version:
             await context.write(
                 device_pb2.BrokerMessage(
-                    trust_bundle_update=device_pb2.TrustBundleUpdate(trust_bundle=trust_bundle_pb(bundle))
+                    trust_bundle_update=device_pb2.TrustBundleUpdate(
+                        trust_bundle=trust_bundle_pb(bundle)
+                    )
                 )
             )
         cert = current_caller().certificate
-        if cert is not None and self._renewal_due(cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()):
+        if cert is not None and self._renewal_due(
+            cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
+        ):
             await context.write(
-                device_pb2.BrokerMessage(renew_soon=device_pb2.RenewSoon(not_after=unix(cert.not_valid_after_utc)))
+                device_pb2.BrokerMessage(
+                    renew_soon=device_pb2.RenewSoon(not_after=unix(cert.not_valid_after_utc))
+                )
             )
 
     def _renewal_due(self, not_before: float, not_after: float) -> bool:
@@ -110,7 +118,9 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):  # type: ignore[misc
                 if message.HasField("heartbeat"):
                     handle.send(
                         device_pb2.BrokerMessage(
-                            heartbeat_ack=device_pb2.HeartbeatAck(sequence=message.heartbeat.sequence)
+                            heartbeat_ack=device_pb2.HeartbeatAck(
+                                sequence=message.heartbeat.sequence
+                            )
                         )
                     )
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):

@@ -88,7 +88,9 @@ def _wrap(
     if handler.unary_stream is not None:
         inner_us = handler.unary_stream
 
-        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def unary_stream(
+            request: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
             try:
                 await admit(context)
             except BrokerError as error:
@@ -118,12 +120,16 @@ async def _guarded(
     except grpc.aio.AbortError:
         raise
     except BrokerError as error:
-        log.info("rpc refused method=%s code=%s reason=%s", method, status_for(error).name, error.message)
+        log.info(
+            "rpc refused method=%s code=%s reason=%s", method, status_for(error).name, error.message
+        )
         await abort_with(context, error)
     except Exception:
         # Fail closed (I10): log the cause, tell the caller nothing internal.
         log.exception("rpc failed method=%s", method)
-        await context.abort(grpc.StatusCode.INTERNAL, "internal error; the request was not carried out")
+        await context.abort(
+            grpc.StatusCode.INTERNAL, "internal error; the request was not carried out"
+        )
 
 
 def anonymous_authenticator() -> Authenticator:

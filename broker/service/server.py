@@ -68,7 +68,9 @@ def acl_table(bindings: list[Binding]) -> dict[str, Kind]:
     for binding in bindings:
         unknown = set(binding.kinds) - {m.name for m in binding.descriptor.methods}
         if unknown:
-            raise ConfigurationError(f"ACL names RPCs {binding.descriptor.full_name} lacks: {sorted(unknown)}")
+            raise ConfigurationError(
+                f"ACL names RPCs {binding.descriptor.full_name} lacks: {sorted(unknown)}"
+            )
         for method in binding.descriptor.methods:
             if method.name not in binding.kinds:
                 raise ConfigurationError(
@@ -91,14 +93,18 @@ def _service(module: Any, name: str) -> ServiceDescriptor:
 class BrokerServer:
     """The three listeners of one broker process, sharing one Runtime."""
 
-    def __init__(self, config: Config, clock: Clock | None = None, store: SqliteStore | None = None) -> None:
+    def __init__(
+        self, config: Config, clock: Clock | None = None, store: SqliteStore | None = None
+    ) -> None:
         self.config = config
         self.clock = clock or SystemClock()
         self.files = PkiFiles(config.certs_dir)
         self.store = store or SqliteStore(config.database)
         authority = load_authority(config, self.clock)
         self.devices = DeviceAuthority(config, authority, self.store, self.clock)
-        self.runtime = Runtime(config, self.clock, self.devices, Presence(), load_trust_bundle(config))
+        self.runtime = Runtime(
+            config, self.clock, self.devices, Presence(), load_trust_bundle(config)
+        )
         self._issuers = [authority.certificate]
         self._servers: list[grpc.aio.Server] = []
         self.ports: dict[str, int] = {}
@@ -121,12 +127,16 @@ class BrokerServer:
 
     def _factory_credentials(self) -> grpc.ServerCredentials:
         return grpc.ssl_server_credentials(
-            [self._server_pair()], root_certificates=self.files.factory_cert.read_bytes(), require_client_auth=True
+            [self._server_pair()],
+            root_certificates=self.files.factory_cert.read_bytes(),
+            require_client_auth=True,
         )
 
     def _main_credentials(self) -> grpc.ServerCredentials:
         return grpc.ssl_server_credentials(
-            [self._server_pair()], root_certificates=self.files.ca_bundle.read_bytes(), require_client_auth=True
+            [self._server_pair()],
+            root_certificates=self.files.ca_bundle.read_bytes(),
+            require_client_auth=True,
         )
 
     # -- listeners -----------------------------------------------------------------------------
@@ -142,7 +152,11 @@ class BrokerServer:
     async def _check_certificate(self, caller: Caller) -> None:
         assert caller.certificate is not None
         await self.runtime.run(
-            self.devices.check_presented, caller.identity, caller.certificate, caller.serial, caller.fingerprint
+            self.devices.check_presented,
+            caller.identity,
+            caller.certificate,
+            caller.serial,
+            caller.fingerprint,
         )
 
     def _listener(
@@ -154,7 +168,9 @@ class BrokerServer:
         authenticate: Any,
     ) -> grpc.aio.Server:
         acl = acl_table(bindings)
-        server = grpc.aio.server(interceptors=[IdentityInterceptor(acl, authenticate)], options=self._options())
+        server = grpc.aio.server(
+            interceptors=[IdentityInterceptor(acl, authenticate)], options=self._options()
+        )
         for binding in bindings:
             binding.add(binding.servicer, server)
         port = server.add_secure_port(address, credentials)
@@ -169,39 +185,78 @@ class BrokerServer:
         bootstrap = BootstrapService(rt)
         health_servicer = health.aio.HealthServicer()
         main_parser = PeerParser(self.config.trust_domain, self._issuers)
-        factory_parser = PeerParser(self.config.trust_domain, read_certificates(self.files.factory_cert))
+        factory_parser = PeerParser(
+            self.config.trust_domain, read_certificates(self.files.factory_cert)
+        )
         public = [
-            Binding(bootstrap_desc, bootstrap_pb2_grpc.add_BootstrapServicer_to_server, bootstrap,
-                    every(bootstrap_desc, Kind.ANONYMOUS)),
-            Binding(_service(health_pb2, "Health"), health_pb2_grpc.add_HealthServicer_to_server,
-                    health_servicer, every(_service(health_pb2, "Health"), Kind.ANONYMOUS)),
+            Binding(
+                bootstrap_desc,
+                bootstrap_pb2_grpc.add_BootstrapServicer_to_server,
+                bootstrap,
+                every(bootstrap_desc, Kind.ANONYMOUS),
+            ),
+            Binding(
+                _service(health_pb2, "Health"),
+                health_pb2_grpc.add_HealthServicer_to_server,
+                health_servicer,
+                every(_service(health_pb2, "Health"), Kind.ANONYMOUS),
+            ),
         ]
         reflection_desc = _service(reflection_pb2, "ServerReflection")
-        exposed = [bootstrap_desc.full_name, "broker.v1.DeviceService", "broker.v1.AdminService",
-                   reflection.SERVICE_NAME]
+        exposed = [
+            bootstrap_desc.full_name,
+            "broker.v1.DeviceService",
+            "broker.v1.AdminService",
+            reflection.SERVICE_NAME,
+        ]
         public.append(
-            Binding(reflection_desc, lambda _servicer, server: reflection.enable_server_reflection(exposed, server),
-                    None, every(reflection_desc, Kind.ANONYMOUS))
+            Binding(
+                reflection_desc,
+                lambda _servicer, server: reflection.enable_server_reflection(exposed, server),
+                None,
+                every(reflection_desc, Kind.ANONYMOUS),
+            )
         )
         bootstrap_server = self._listener(
-            "bootstrap", self.config.bootstrap_address, self._bootstrap_credentials(), public,
+            "bootstrap",
+            self.config.bootstrap_address,
+            self._bootstrap_credentials(),
+            public,
             anonymous_authenticator(),
         )
         factory_server = self._listener(
-            "factory", self.config.factory_address, self._factory_credentials(),
-            [Binding(bootstrap_desc, bootstrap_pb2_grpc.add_BootstrapServicer_to_server, bootstrap,
-                     every(bootstrap_desc, Kind.BIRTH))],
+            "factory",
+            self.config.factory_address,
+            self._factory_credentials(),
+            [
+                Binding(
+                    bootstrap_desc,
+                    bootstrap_pb2_grpc.add_BootstrapServicer_to_server,
+                    bootstrap,
+                    every(bootstrap_desc, Kind.BIRTH),
+                )
+            ],
             certificate_authenticator(factory_parser.parse, None),
         )
         device_desc = _service(device_pb2, "DeviceService")
         admin_desc = _service(admin_pb2, "AdminService")
         main_server = self._listener(
-            "main", self.config.main_address, self._main_credentials(),
+            "main",
+            self.config.main_address,
+            self._main_credentials(),
             [
-                Binding(device_desc, device_pb2_grpc.add_DeviceServiceServicer_to_server, DeviceService(rt),
-                        every(device_desc, Kind.DEVICE)),
-                Binding(admin_desc, admin_pb2_grpc.add_AdminServiceServicer_to_server, AdminService(rt),
-                        every(admin_desc, Kind.OPERATOR)),
+                Binding(
+                    device_desc,
+                    device_pb2_grpc.add_DeviceServiceServicer_to_server,
+                    DeviceService(rt),
+                    every(device_desc, Kind.DEVICE),
+                ),
+                Binding(
+                    admin_desc,
+                    admin_pb2_grpc.add_AdminServiceServicer_to_server,
+                    AdminService(rt),
+                    every(admin_desc, Kind.OPERATOR),
+                ),
             ],
             certificate_authenticator(main_parser.parse, self._check_certificate),
         )

@@ -32,7 +32,7 @@ CERT_COLUMNS = (
     "serial, spiffe_id, kind, subject, spki_sha256, fingerprint, not_before, not_after, status, "
     "issued_at, superseded_by, superseded_at, revoked_at, revocation_reason"
 )
-TOKEN_COLUMNS = "token_hash, device_id, created_at, expires_at, created_by, used_at"
+TOKEN_COLUMNS = "token_hash, device_id, created_at, expires_at, created_by, used_at"  # noqa: S105
 
 
 def _device(row: sqlite3.Row | tuple[Any, ...]) -> DeviceRecord:
@@ -77,7 +77,8 @@ class SqliteTransaction:
 
     def set_claim_code_hash(self, device_id: str, claim_code_hash: str | None) -> None:
         self._conn.execute(
-            "UPDATE devices SET claim_code_hash = ? WHERE device_id = ?", (claim_code_hash, device_id)
+            "UPDATE devices SET claim_code_hash = ? WHERE device_id = ?",
+            (claim_code_hash, device_id),
         )
 
     def revoke_device(self, device_id: str, at: int) -> None:
@@ -181,18 +182,36 @@ class SqliteTransaction:
         )
         return EnrollmentTokenRecord(*row) if row else None
 
+    def cancel_enrollment_tokens(self, device_id: str, now: int) -> int:
+        cursor = self._conn.execute(
+            "UPDATE enrollment_tokens SET used_at = ? WHERE device_id = ? AND used_at IS NULL",
+            (now, device_id),
+        )
+        return cursor.rowcount
+
     # audit
     def append_audit(self, event: AuditEvent, at_ms: int) -> AuditEntry:
         last = self._one("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1", ())
         seq, prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS)
         detail_json = canonical_detail(event.detail)
-        digest = entry_hash(prev_hash, seq, at_ms, event.actor, event.action, event.subject, detail_json)
+        digest = entry_hash(
+            prev_hash, seq, at_ms, event.actor, event.action, event.subject, detail_json
+        )
         self._conn.execute(
             "INSERT INTO audit_log (seq, at_ms, actor, action, subject, detail, prev_hash, hash) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (seq, at_ms, event.actor, event.action, event.subject, detail_json, prev_hash, digest),
         )
-        return AuditEntry(seq, at_ms, event.actor, event.action, event.subject, dict(event.detail), prev_hash, digest)
+        return AuditEntry(
+            seq,
+            at_ms,
+            event.actor,
+            event.action,
+            event.subject,
+            dict(event.detail),
+            prev_hash,
+            digest,
+        )
 
 
 class SqliteStore:
@@ -201,7 +220,9 @@ class SqliteStore:
     def __init__(self, path: Path, *, migrate: bool = True) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._conn = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=30
+        )
         self._lock = threading.RLock()
         for pragma in (
             "PRAGMA journal_mode = WAL",
@@ -215,7 +236,9 @@ class SqliteStore:
 
     def schema_version(self) -> int:
         with self._lock:
-            self._conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            self._conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+            )
             row = self._conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
             return int(row[0] or 0)
 
@@ -235,7 +258,9 @@ class SqliteStore:
                         continue
                     for statement in MIGRATIONS[version - 1]:
                         self._conn.execute(statement)
-                    self._conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+                    self._conn.execute(
+                        "INSERT INTO schema_version (version) VALUES (?)", (version,)
+                    )
                     self._conn.execute("COMMIT")
                 except BaseException:
                     self._conn.execute("ROLLBACK")
@@ -272,7 +297,9 @@ class SqliteStore:
                 "FROM audit_log ORDER BY seq"
             ).fetchall()
         for seq, at_ms, actor, action, subject, detail, prev_hash, digest in rows:
-            yield AuditEntry(seq, at_ms, actor, action, subject, json.loads(detail), prev_hash, digest)
+            yield AuditEntry(
+                seq, at_ms, actor, action, subject, json.loads(detail), prev_hash, digest
+            )
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,62 @@
+# Camera broker: every operator action is a target here (see README "Ops runbook").
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+BROKER := $(VENV)/bin/broker
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help venv run test lint proto certs enroll-token factory-batch revoke-device devices audit-verify bench clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install --quiet --upgrade pip >&2
+	@$(PY) -m pip install --quiet -e '.[dev]' >&2
+	@touch $(STAMP)
+
+venv: $(STAMP) ## create .venv and install the broker with dev extras
+
+run: $(STAMP) ## serve on 127.0.0.1:8444 (bootstrap), :8443 (main), :8445 (factory); creates the dev PKI first
+	$(BROKER) serve --init-pki
+
+test: $(STAMP) ## lint, type-check, then the whole test suite
+	$(PY) -m ruff check broker tests bench tools
+	$(PY) -m mypy broker
+	$(PY) -m pytest -q -n 2
+
+lint: $(STAMP) ## ruff + mypy only
+	$(PY) -m ruff check broker tests bench tools
+	$(PY) -m mypy broker
+
+proto: $(STAMP) ## regenerate broker/_proto from protos/
+	$(PY) tools/genproto.py
+
+certs: $(STAMP) ## create the dev PKI in certs/ (idempotent: never replaces a key)
+	@$(BROKER) ca init
+
+enroll-token: $(STAMP) ## DEVICE=<id> [TTL=<s>]: one-time token; printed alone on the last line
+	@test -n "$(DEVICE)" || { echo "usage: make enroll-token DEVICE=<device_id>" >&2; exit 2; }
+	@$(BROKER) device token "$(DEVICE)" --ttl "$(or $(TTL),0)"
+
+factory-batch: $(STAMP) ## N=<n>: birth certificates for n simulated cameras in certs/factory-batch/
+	@test -n "$(N)" || { echo "usage: make factory-batch N=<count>" >&2; exit 2; }
+	@$(BROKER) factory batch "$(N)"
+
+revoke-device: $(STAMP) ## DEVICE=<id> [REASON=...]: revoke via the running broker; ends its streams
+	@test -n "$(DEVICE)" || { echo "usage: make revoke-device DEVICE=<device_id>" >&2; exit 2; }
+	@$(BROKER) admin revoke-device "$(DEVICE)" --reason "$(or $(REASON),operator request)"
+
+devices: $(STAMP) ## list devices with state and online status
+	@$(BROKER) device list
+
+audit-verify: $(STAMP) ## check the audit log's hash chain
+	@$(BROKER) audit verify
+
+bench: $(STAMP) ## enrollment benchmark (prints medians)
+	$(PY) bench/enroll.py
+
+clean: ## remove the venv and caches (keeps certs/ and var/)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
