@@ -94,6 +94,11 @@ class PkiFiles:
         return self.root / "ca-bundle.pem"
 
     @property
+    def token_keys(self) -> Path:
+        """Session-token signing keys (0600) and their index."""
+        return self.root / "token-keys"
+
+    @property
     def factory_batches(self) -> Path:
         return self.root / "factory-batch"
 
@@ -414,6 +419,10 @@ def init_pki(config: Config, clock: Clock, operator_name: str = "admin") -> Init
             dt.timedelta(days=config.operator_cert_days),
         )
         _write_text(files.operator_chain, operator.chain_pem, created)
+    from broker.tokens import TokenKeyring
+
+    if TokenKeyring.ensure(files.token_keys):
+        created.append(files.token_keys / "keys.json")
     return InitReport(tuple(created), operator, server)
 
 

@@ -34,9 +34,32 @@ class Config:
     attach_hello_timeout_seconds: float = 10.0
     max_message_bytes: int = 64 * 1024
     db_path: Path | None = None
+    allow_signup: bool = True
+    app_cert_days: int = 7
+    # Session tokens must be used to start a stream within this time (DESIGN: at most 5 min).
+    session_token_ttl_seconds: int = 300
+    # argon2id cost (argon2-cffi's RFC 9106 low-memory profile by default: t=3, 64 MiB, p=4).
+    argon2_time_cost: int = 3
+    argon2_memory_kib: int = 65_536
+    argon2_parallelism: int = 4
+    # Failed logins allowed per window, per username and per peer address.
+    login_failures_per_user: int = 5
+    login_failures_per_peer: int = 20
+    login_window_seconds: int = 300
+    # Wrong claim codes allowed per window, per user and per device (I8).
+    claim_failures_per_user: int = 5
+    claim_failures_per_device: int = 10
+    claim_window_seconds: int = 600
 
     def __post_init__(self) -> None:
         validate_trust_domain(self.trust_domain)
+        if not 10 <= self.session_token_ttl_seconds <= 300:
+            raise ValueError("session_token_ttl_seconds must be between 10 and 300")
+
+    @property
+    def broker_spiffe_id(self) -> str:
+        """The issuer (iss) of every session token."""
+        return f"spiffe://{self.trust_domain}/broker"
 
     @property
     def certs_dir(self) -> Path:
@@ -67,6 +90,8 @@ def from_environment(home: Path | None = None) -> Config:
     for var, name in string_fields.items():
         if var in env:
             overrides[name] = env[var]
+    if "BROKER_ALLOW_SIGNUP" in env:
+        overrides["allow_signup"] = env["BROKER_ALLOW_SIGNUP"].lower() not in ("0", "false", "no")
     if "BROKER_DB" in env:
         overrides["db_path"] = Path(env["BROKER_DB"])
     if "BROKER_SERVER_NAMES" in env:

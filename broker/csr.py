@@ -52,7 +52,7 @@ def _accepted_key(csr: x509.CertificateSigningRequest) -> PublicKey:
     if isinstance(key, ec.EllipticCurvePublicKey):
         if not isinstance(key.curve, ACCEPTED_CURVES):
             raise InvalidArgument(
-                f"CSR key curve {key.curve.name} not accepted: use P-256, P-384 or Ed25519"
+                f"CSR key curve {key.curve.name} not accepted: use P-256, P-384, Ed25519 or RSA >= 2048"
             )
         return key
     if isinstance(key, ed25519.Ed25519PublicKey):

@@ -161,23 +161,28 @@ class DeviceAuthority:
             )
         token_hash = secret_hash(token)
         now = self._now()
-        with self._store.transaction() as tx:
-            record = tx.consume_enrollment_token(token_hash, now)
-            if record is None:
-                reason = _token_refusal_reason(tx.get_enrollment_token(token_hash), now)
-            else:
+        try:
+            with self._store.transaction() as tx:
+                record = tx.consume_enrollment_token(token_hash, now)
+                if record is None:
+                    reason = _token_refusal_reason(tx.get_enrollment_token(token_hash), now)
+                    raise _Refused(reason, "")
                 identity = device(self._config.trust_domain, record.device_id)
                 refusal = self._enrollment_refusal(tx, identity, key)
-                if refusal is None:
-                    return self._enroll(tx, identity, key, via="token")
-                reason = refusal
-        subject = record.device_id if record else ""
-        self._deny(
-            PermissionDenied(_refusal_message(reason)),
-            AuditEvent(
-                "anonymous", "device.enroll.denied", subject, {"reason": reason, "via": "token"}
-            ),
-        )
+                if refusal is not None:
+                    # Raising rolls the transaction back: a refused enrollment leaves the token unused.
+                    raise _Refused(refusal, record.device_id)
+                return self._enroll(tx, identity, key, via="token")
+        except _Refused as refused:
+            self._deny(
+                PermissionDenied(_refusal_message(refused.reason)),
+                AuditEvent(
+                    "anonymous",
+                    "device.enroll.denied",
+                    refused.subject,
+                    {"reason": refused.reason, "via": "token"},
+                ),
+            )
 
     def enroll_with_birth_certificate(
         self, csr_pem: str, birth_device_id: str, birth_serial: str
@@ -282,9 +287,13 @@ class DeviceAuthority:
             cancelled = tx.cancel_enrollment_tokens(device_id, now)
             if record is None:
                 if not cancelled:
-                    raise NotFound(f"no device {device_id} and no outstanding enrollment token for it")
+                    raise NotFound(
+                        f"no device {device_id} and no outstanding enrollment token for it"
+                    )
                 # Never enrolled: keep a revoked record so the id cannot be enrolled later.
-                tx.insert_device(DeviceRecord(device_id, DeviceState.REVOKED, now, "never", None, now))
+                tx.insert_device(
+                    DeviceRecord(device_id, DeviceState.REVOKED, now, "never", None, now)
+                )
             else:
                 tx.revoke_device(device_id, now)
             serials = tx.revoke_certificates(identity.spiffe_id, now, reason or "unspecified")
@@ -344,6 +353,14 @@ class DeviceAuthority:
                 dev = tx.get_device(identity.name)
                 if dev is None or dev.state is not DeviceState.ACTIVE:
                     raise Unauthenticated("device has been revoked")
+            elif identity.kind is Kind.APP:
+                app = tx.get_app(identity.app_id)
+                if (
+                    app is None
+                    or app.state is not DeviceState.ACTIVE
+                    or app.user_id != identity.name
+                ):
+                    raise Unauthenticated("app instance is signed out or revoked")
 
     def register_local_certificate(
         self, identity: Identity, cert: x509.Certificate, actor: str
@@ -380,6 +397,15 @@ class DeviceAuthority:
                 ),
             )
         return True
+
+
+class _Refused(Exception):
+    """Raised inside a store transaction to roll it back; carries why enrollment was refused."""
+
+    def __init__(self, reason: str, subject: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.subject = subject
 
 
 def _token_refusal_reason(record: EnrollmentTokenRecord | None, now: int) -> str:

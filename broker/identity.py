@@ -32,6 +32,8 @@ class Kind(enum.Enum):
     BIRTH = "birth"
     # No client certificate (bootstrap listener only).
     ANONYMOUS = "anonymous"
+    # An RPC deliberately not served on a listener: no caller ever has this kind.
+    NOBODY = "nobody"
 
 
 @dataclass(frozen=True, slots=True)

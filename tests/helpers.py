@@ -122,3 +122,184 @@ def forged_leaf(
 
 def pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+# -- integration helpers: enrolled credentials, sync stubs, store snapshots ---------------------
+
+TRUST_DOMAIN = "camera.local"
+
+
+def device_spiffe(device_id: str) -> str:
+    return f"spiffe://{TRUST_DOMAIN}/device/{device_id}"
+
+
+@dataclass(frozen=True)
+class DeviceCreds:
+    """A device key and the chain the broker issued for it (kept outside the SDK, so tests can
+    hold on to an old certificate after renewal)."""
+
+    device_id: str
+    key: object
+    chain_pem: str
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificates(self.chain_pem.encode())[0]
+
+    @property
+    def serial(self) -> str:
+        return f"{self.leaf.serial_number:x}"
+
+    def channel(self, broker: object, target: str | None = None) -> grpc.Channel:
+        return mtls_channel(
+            target or broker.main,  # type: ignore[attr-defined]
+            broker.pki.ca_pem,  # type: ignore[attr-defined]
+            key_pem(self.key),
+            self.chain_pem.encode(),
+        )
+
+
+def enroll_device(
+    broker: object, operator_channel: grpc.Channel, device_id: str, key: object | None = None
+) -> DeviceCreds:
+    """Token + enrollment over the real bootstrap listener."""
+    key = key or p256()
+    response = enroll(broker, create_token(operator_channel, device_id), csr_for(key))
+    return DeviceCreds(str(response.device_id), key, str(response.certificate_chain_pem))
+
+
+def renew_device(broker: object, creds: DeviceCreds, key: object | None = None) -> DeviceCreds:
+    """RenewCertificate over mTLS with creds; returns the new credentials."""
+    from broker._proto.broker.v1 import device_pb2, device_pb2_grpc
+
+    key = key or p256()
+    with creds.channel(broker) as channel:
+        response = device_pb2_grpc.DeviceServiceStub(channel).RenewCertificate(
+            device_pb2.RenewCertificateRequest(csr_pem=csr_for(key)), timeout=10
+        )
+    return DeviceCreds(creds.device_id, key, str(response.certificate_chain_pem))
+
+
+def attach_once(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = ()) -> list[object]:
+    """Open Attach, send a hello, half-close; return every message the broker sent."""
+    from broker._proto.broker.v1 import device_pb2, device_pb2_grpc
+
+    hello = device_pb2.DeviceMessage(hello=device_pb2.Hello(trust_bundle_version="test"))
+    responses = device_pb2_grpc.DeviceServiceStub(channel).Attach(
+        iter([hello]), timeout=10, metadata=metadata
+    )
+    return list(responses)
+
+
+def rpc_error(call: object, *args: object, **kwargs: object) -> grpc.RpcError:
+    """Call and return the RpcError it must raise."""
+    import pytest
+
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args, **kwargs)  # type: ignore[operator]
+    return info.value
+
+
+def tamper_csr_signature(csr_pem: str) -> str:
+    """The same CSR with one bit of its signature flipped (still parses, no longer verifies)."""
+    import base64
+
+    der = bytearray(
+        x509.load_pem_x509_csr(csr_pem.encode()).public_bytes(serialization.Encoding.DER)
+    )
+    der[-1] ^= 0x01  # the signature BIT STRING is the last element of the request
+    body = base64.encodebytes(bytes(der)).decode()
+    return f"-----BEGIN CERTIFICATE REQUEST-----\n{body}-----END CERTIFICATE REQUEST-----\n"
+
+
+def birth_credentials(
+    broker: object, device_id: str, key: object | None = None
+) -> tuple[bytes, bytes]:
+    """(key PEM, certificate PEM) of a factory birth certificate naming device_id."""
+    from broker.ca import make_birth_certificate
+    from broker.pemfile import read_certificates, read_private_key
+
+    files = broker.pki.files  # type: ignore[attr-defined]
+    key = key or p256()
+    cert = make_birth_certificate(
+        key.public_key(),  # type: ignore[attr-defined]
+        read_private_key(files.factory_key),
+        read_certificates(files.factory_cert)[0],
+        device_id,
+        broker.clock.now(),  # type: ignore[attr-defined]
+    )
+    return key_pem(key), pem(cert)
+
+
+def impostor_ca(subject: x509.Name) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A self-signed CA with exactly the given subject (e.g. copying the real issuing CA's)."""
+    key = p256()
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def db_rows(broker: object, sql: str, *args: object) -> list[tuple[object, ...]]:
+    """Rows from a read-only connection to the broker's database (for 'nothing was written')."""
+    import sqlite3
+
+    path = broker.config.database  # type: ignore[attr-defined]
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return list(conn.execute(sql, args).fetchall())
+    finally:
+        conn.close()
+
+
+def token_used_at(broker: object, token: str) -> object:
+    """used_at of an enrollment token (looked up by its hash, the only form stored)."""
+    from broker.onetime import secret_hash
+
+    rows = db_rows(
+        broker, "SELECT used_at FROM enrollment_tokens WHERE token_hash = ?", secret_hash(token)
+    )
+    assert len(rows) == 1, f"expected one token row, found {len(rows)}"
+    return rows[0][0]
+
+
+def device_row(broker: object, device_id: str) -> object:
+    """The devices record (via the store interface), or None."""
+    store = broker.store()  # type: ignore[attr-defined]
+    try:
+        with store.read() as tx:
+            return tx.get_device(device_id)
+    finally:
+        store.close()
+
+
+def cert_rows(broker: object, device_id: str) -> list[object]:
+    """Every certificates record of the device's SPIFFE ID, oldest first."""
+    store = broker.store()  # type: ignore[attr-defined]
+    try:
+        with store.read() as tx:
+            return list(tx.certificates_of(device_spiffe(device_id)))
+    finally:
+        store.close()
+
+
+def audit_entries(broker: object, action: str | None = None) -> list[object]:
+    store = broker.store()  # type: ignore[attr-defined]
+    try:
+        return [e for e in store.audit_entries() if action is None or e.action == action]
+    finally:
+        store.close()

@@ -5,12 +5,15 @@ from __future__ import annotations
 import grpc
 
 from broker._proto.broker.v1 import bootstrap_pb2, bootstrap_pb2_grpc
+from broker.accounts import check_label
 from broker.clock import unix
+from broker.csr import public_key_from_csr
 from broker.devices import Enrollment
 from broker.errors import InvalidArgument
 from broker.identity import Kind
 from broker.service.convert import trust_bundle_pb
 from broker.service.interceptor import current_caller
+from broker.service.peer import peer_address
 from broker.service.runtime import Runtime
 
 
@@ -47,6 +50,39 @@ class BootstrapService(bootstrap_pb2_grpc.BootstrapServicer):
                 self._rt.devices.enroll_with_token, request.csr_pem, request.enrollment_token
             )
         return self._response(enrollment)
+
+    async def CreateAccount(
+        self, request: bootstrap_pb2.CreateAccountRequest, context: grpc.aio.ServicerContext
+    ) -> bootstrap_pb2.CreateAccountResponse:
+        user_id = await self._rt.run_slow(
+            self._rt.accounts.create_account, request.username, request.password
+        )
+        return bootstrap_pb2.CreateAccountResponse(user_id=user_id)
+
+    async def EnrollApp(
+        self, request: bootstrap_pb2.EnrollAppRequest, context: grpc.aio.ServicerContext
+    ) -> bootstrap_pb2.EnrollAppResponse:
+        public_key_from_csr(request.csr_pem)  # a bad CSR is not a failed login
+        check_label(request.label)
+        user = await self._rt.run_slow(
+            self._rt.accounts.authenticate,
+            request.username,
+            request.password,
+            peer_address(context),
+        )
+        enrollment = await self._rt.run(
+            self._rt.accounts.issue_app_certificate, user, request.csr_pem, request.label
+        )
+        issued = enrollment.issued
+        return bootstrap_pb2.EnrollAppResponse(
+            user_id=enrollment.identity.name,
+            app_id=enrollment.identity.app_id,
+            spiffe_id=enrollment.identity.spiffe_id,
+            certificate_chain_pem=issued.chain_pem,
+            trust_bundle=trust_bundle_pb(self._rt.trust_bundle),
+            not_after=unix(issued.not_after),
+            renew_after=unix(issued.renew_after),
+        )
 
     def _response(self, enrollment: Enrollment) -> bootstrap_pb2.EnrollDeviceResponse:
         issued = enrollment.issued

@@ -35,6 +35,12 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             renew_after=unix(issued.renew_after),
         )
 
+    async def ResetOwnership(
+        self, request: device_pb2.ResetOwnershipRequest, context: grpc.aio.ServicerContext
+    ) -> device_pb2.ResetOwnershipResponse:
+        code, ended = await self._rt.run(self._rt.ownership.reset, current_caller().identity)
+        return device_pb2.ResetOwnershipResponse(claim_code=code, sessions_ended=len(ended))
+
     async def Attach(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         caller = current_caller()
         hello = await self._read_hello(context)

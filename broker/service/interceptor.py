@@ -18,7 +18,7 @@ import grpc
 from broker.errors import BrokerError, PermissionDenied, Unauthenticated
 from broker.identity import Kind
 from broker.service.peer import ANONYMOUS_CALLER, Caller, peer_pem
-from broker.service.status import status_for
+from broker.service.status import status_for, trailing_details
 
 log = logging.getLogger("broker.rpc")
 
@@ -34,7 +34,7 @@ def current_caller() -> Caller:
 
 async def abort_with(context: grpc.aio.ServicerContext, error: BrokerError) -> None:
     """End the RPC with the status mapped from error."""
-    await context.abort(status_for(error), error.message)
+    await context.abort(status_for(error), error.message, trailing_details(error))
 
 
 class IdentityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -61,8 +61,8 @@ def _wrap(
     handler: grpc.RpcMethodHandler, method: str, required: Kind | None, authenticate: Authenticator
 ) -> grpc.RpcMethodHandler:
     async def admit(context: grpc.aio.ServicerContext) -> None:
-        if required is None:  # default deny: not in the table
-            raise PermissionDenied(f"{method} is not permitted")
+        if required is None or required is Kind.NOBODY:  # default deny
+            raise PermissionDenied(f"{method} is not served on this listener")
         _current_caller.set(await authenticate(context, required))
 
     if handler.unary_unary is not None:

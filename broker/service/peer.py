@@ -36,6 +36,15 @@ def peer_pem(context: grpc.aio.ServicerContext) -> bytes | None:
     return values[0] if values else None
 
 
+def peer_address(context: grpc.aio.ServicerContext) -> str:
+    """The peer's IP address (port dropped), for per-address rate limits."""
+    peer: str = context.peer() or ""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return rest.rsplit(":", 1)[0]
+    return peer
+
+
 class PeerParser:
     """Turns verified peer PEMs into Callers; results (and failures) are cached per PEM."""
 

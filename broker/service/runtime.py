@@ -9,10 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
+from broker.accounts import Accounts
 from broker.clock import Clock
 from broker.config import Config
 from broker.devices import DeviceAuthority
+from broker.ownership import Ownership
 from broker.presence import Presence
+from broker.sessions import Sessions
 from broker.trust import TrustBundle
 
 P = ParamSpec("P")
@@ -29,11 +32,25 @@ class Runtime:
     devices: DeviceAuthority
     presence: Presence
     trust_bundle: TrustBundle
+    accounts: Accounts
+    ownership: Ownership
+    sessions: Sessions
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="broker-core")
+    )
+    # argon2 takes tens of milliseconds and releases the GIL: keep it off the core thread.
+    password_executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="broker-pw")
     )
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a blocking core call on the core thread and await its result."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+
+    async def run_slow(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a CPU-heavy call (password hashing) on its own pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.password_executor, functools.partial(fn, *args, **kwargs)
+        )

@@ -23,20 +23,26 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from broker._proto.broker.v1 import (
     admin_pb2,
     admin_pb2_grpc,
+    app_pb2,
+    app_pb2_grpc,
     bootstrap_pb2,
     bootstrap_pb2_grpc,
     device_pb2,
     device_pb2_grpc,
 )
+from broker.accounts import Accounts
 from broker.ca import PkiFiles, load_authority
 from broker.clock import Clock, SystemClock
 from broker.config import Config
 from broker.devices import DeviceAuthority
 from broker.errors import ConfigurationError
 from broker.identity import Identity, Kind, from_certificate
+from broker.ownership import Ownership
+from broker.passwords import PasswordHasher
 from broker.pemfile import read_certificates
 from broker.presence import Presence
 from broker.service.admin import AdminService
+from broker.service.app import AppService
 from broker.service.bootstrap import BootstrapService
 from broker.service.device import DeviceService
 from broker.service.interceptor import (
@@ -46,7 +52,9 @@ from broker.service.interceptor import (
 )
 from broker.service.peer import Caller, PeerParser
 from broker.service.runtime import Runtime
+from broker.sessions import Sessions
 from broker.store.sqlite import SqliteStore
+from broker.tokens import load_keyring
 from broker.trust import load_trust_bundle
 
 log = logging.getLogger("broker.server")
@@ -102,8 +110,16 @@ class BrokerServer:
         self.store = store or SqliteStore(config.database)
         authority = load_authority(config, self.clock)
         self.devices = DeviceAuthority(config, authority, self.store, self.clock)
+        keyring = load_keyring(config.certs_dir)
         self.runtime = Runtime(
-            config, self.clock, self.devices, Presence(), load_trust_bundle(config)
+            config,
+            self.clock,
+            self.devices,
+            Presence(),
+            load_trust_bundle(config, keyring.jwks_json()),
+            Accounts(config, authority, self.store, self.clock, PasswordHasher(config)),
+            Ownership(config, self.store, self.clock),
+            Sessions(config, self.store, self.clock, keyring),
         )
         self._issuers = [authority.certificate]
         self._servers: list[grpc.aio.Server] = []
@@ -207,6 +223,7 @@ class BrokerServer:
             bootstrap_desc.full_name,
             "broker.v1.DeviceService",
             "broker.v1.AdminService",
+            "broker.v1.AppService",
             reflection.SERVICE_NAME,
         ]
         public.append(
@@ -233,13 +250,19 @@ class BrokerServer:
                     bootstrap_desc,
                     bootstrap_pb2_grpc.add_BootstrapServicer_to_server,
                     bootstrap,
-                    every(bootstrap_desc, Kind.BIRTH),
+                    {
+                        "GetTrustBundle": Kind.BIRTH,
+                        "EnrollDevice": Kind.BIRTH,
+                        "CreateAccount": Kind.NOBODY,
+                        "EnrollApp": Kind.NOBODY,
+                    },
                 )
             ],
             certificate_authenticator(factory_parser.parse, None),
         )
         device_desc = _service(device_pb2, "DeviceService")
         admin_desc = _service(admin_pb2, "AdminService")
+        app_desc = _service(app_pb2, "AppService")
         main_server = self._listener(
             "main",
             self.config.main_address,
@@ -256,6 +279,12 @@ class BrokerServer:
                     admin_pb2_grpc.add_AdminServiceServicer_to_server,
                     AdminService(rt),
                     every(admin_desc, Kind.OPERATOR),
+                ),
+                Binding(
+                    app_desc,
+                    app_pb2_grpc.add_AppServiceServicer_to_server,
+                    AppService(rt),
+                    every(app_desc, Kind.APP),
                 ),
             ],
             certificate_authenticator(main_parser.parse, self._check_certificate),
@@ -276,6 +305,7 @@ class BrokerServer:
         """Stop all listeners; streams get `grace` seconds to finish."""
         await asyncio.gather(*(s.stop(grace) for s in self._servers))
         self.runtime.executor.shutdown(wait=True)
+        self.runtime.password_executor.shutdown(wait=True)
         self.store.close()
 
     async def wait(self) -> None:

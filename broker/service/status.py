@@ -25,3 +25,21 @@ def status_for(error: errors.BrokerError) -> grpc.StatusCode:
         if cls in STATUS_BY_ERROR:
             return STATUS_BY_ERROR[cls]
     return grpc.StatusCode.INTERNAL
+
+
+def trailing_details(error: errors.BrokerError) -> tuple[tuple[str, bytes], ...]:
+    """google.rpc.Status details for errors that carry them (RetryInfo on RESOURCE_EXHAUSTED)."""
+    if not isinstance(error, errors.ResourceExhausted):
+        return ()
+    from google.protobuf import any_pb2, duration_pb2
+    from google.rpc import error_details_pb2, status_pb2
+
+    retry = error_details_pb2.RetryInfo(
+        retry_delay=duration_pb2.Duration(seconds=max(1, round(error.retry_after_seconds)))
+    )
+    detail = any_pb2.Any()
+    detail.Pack(retry)
+    status = status_pb2.Status(
+        code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message=error.message, details=[detail]
+    )
+    return (("grpc-status-details-bin", status.SerializeToString()),)

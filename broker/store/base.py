@@ -66,6 +66,64 @@ class EnrollmentTokenRecord:
     used_at: int | None = None
 
 
+class Role(enum.Enum):
+    OWNER = "owner"
+    VIEWER = "viewer"
+
+
+class SessionOutcome(enum.Enum):
+    OPENED = "opened"
+    DENIED = "denied"
+    ENDED = "ended"
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    user_id: str
+    username: str
+    password_hash: str
+    created_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class AppRecord:
+    app_id: str
+    user_id: str
+    label: str
+    state: DeviceState
+    created_at: int
+    revoked_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GrantRecord:
+    device_id: str
+    user_id: str
+    role: Role
+    granted_by: str
+    created_at: int
+    expires_at: int | None = None
+
+    def active_at(self, now: int) -> bool:
+        """Whether the grant holds at time now (owner grants never expire)."""
+        return self.expires_at is None or now < self.expires_at
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    session_id: str
+    device_id: str
+    user_id: str
+    app_id: str
+    opened_at: int
+    expires_at: int
+    outcome: SessionOutcome
+    reason: str = ""
+    cnf_thumbprint: str = ""
+    ended_at: int | None = None
+    bytes: int = 0
+
+
 class Transaction(Protocol):
     """Reads and writes inside one store transaction."""
 
@@ -91,6 +149,32 @@ class Transaction(Protocol):
     def consume_enrollment_token(
         self, token_hash: str, now: int
     ) -> EnrollmentTokenRecord | None: ...
+    def cancel_enrollment_tokens(self, device_id: str, now: int) -> int: ...
+
+    # users and app instances
+    def insert_user(self, user: UserRecord) -> None: ...
+    def get_user(self, user_id: str) -> UserRecord | None: ...
+    def get_user_by_username(self, username: str) -> UserRecord | None: ...
+    def insert_app(self, app: AppRecord) -> None: ...
+    def get_app(self, app_id: str) -> AppRecord | None: ...
+    def revoke_app(self, app_id: str, at: int) -> None: ...
+
+    # ownership and shares
+    def claim_device(self, device_id: str, claim_code_hash: str) -> bool: ...
+    def get_grant(self, device_id: str, user_id: str) -> GrantRecord | None: ...
+    def insert_grant(self, grant: GrantRecord) -> None: ...
+    def delete_grant(self, device_id: str, user_id: str) -> bool: ...
+    def delete_grants(self, device_id: str) -> list[GrantRecord]: ...
+    def grants_of_user(self, user_id: str) -> list[GrantRecord]: ...
+
+    # sessions
+    def insert_session(self, session: SessionRecord) -> None: ...
+    def get_session(self, session_id: str) -> SessionRecord | None: ...
+    def end_sessions(self, session_ids: list[str], at: int, reason: str) -> list[str]: ...
+    def open_sessions(
+        self, *, device_id: str = "", user_id: str = "", app_id: str = ""
+    ) -> list[SessionRecord]: ...
+    def sessions_of_device(self, device_id: str) -> list[SessionRecord]: ...
 
     # audit (I12)
     def append_audit(self, event: AuditEvent, at_ms: int) -> AuditEntry: ...

@@ -56,6 +56,50 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE devices ADD COLUMN trust_bundle_version TEXT",
         "CREATE INDEX enrollment_tokens_device ON enrollment_tokens(device_id)",
     ),
+    # v3: users, app instances, grants (ownership and shares), sessions.
+    (
+        """CREATE TABLE users (
+            user_id TEXT PRIMARY KEY,
+            username TEXT NOT NULL UNIQUE,
+            password_hash TEXT NOT NULL,
+            created_at INTEGER NOT NULL
+        )""",
+        """CREATE TABLE app_instances (
+            app_id TEXT PRIMARY KEY,
+            user_id TEXT NOT NULL REFERENCES users(user_id),
+            label TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('active', 'revoked')),
+            created_at INTEGER NOT NULL,
+            revoked_at INTEGER
+        )""",
+        "CREATE INDEX app_instances_user ON app_instances(user_id)",
+        """CREATE TABLE grants (
+            device_id TEXT NOT NULL REFERENCES devices(device_id),
+            user_id TEXT NOT NULL REFERENCES users(user_id),
+            role TEXT NOT NULL CHECK (role IN ('owner', 'viewer')),
+            granted_by TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            expires_at INTEGER,
+            PRIMARY KEY (device_id, user_id)
+        )""",
+        "CREATE UNIQUE INDEX grants_one_owner ON grants(device_id) WHERE role = 'owner'",
+        "CREATE INDEX grants_user ON grants(user_id)",
+        """CREATE TABLE sessions (
+            session_id TEXT PRIMARY KEY,
+            device_id TEXT NOT NULL,
+            user_id TEXT NOT NULL,
+            app_id TEXT NOT NULL,
+            opened_at INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL,
+            outcome TEXT NOT NULL CHECK (outcome IN ('opened', 'denied', 'ended')),
+            reason TEXT NOT NULL DEFAULT '',
+            cnf_thumbprint TEXT NOT NULL DEFAULT '',
+            ended_at INTEGER,
+            bytes INTEGER NOT NULL DEFAULT 0
+        )""",
+        "CREATE INDEX sessions_device ON sessions(device_id, opened_at)",
+        "CREATE INDEX sessions_user ON sessions(user_id)",
+    ),
 )
 
 LATEST_VERSION = len(MIGRATIONS)

@@ -16,11 +16,17 @@ from typing import Any
 
 from broker.audit import GENESIS, AuditEntry, AuditEvent, canonical_detail, entry_hash
 from broker.store.base import (
+    AppRecord,
     CertificateRecord,
     CertStatus,
     DeviceRecord,
     DeviceState,
     EnrollmentTokenRecord,
+    GrantRecord,
+    Role,
+    SessionOutcome,
+    SessionRecord,
+    UserRecord,
 )
 from broker.store.schema import LATEST_VERSION, MIGRATIONS
 
@@ -31,6 +37,13 @@ DEVICE_COLUMNS = (
 CERT_COLUMNS = (
     "serial, spiffe_id, kind, subject, spki_sha256, fingerprint, not_before, not_after, status, "
     "issued_at, superseded_by, superseded_at, revoked_at, revocation_reason"
+)
+USER_COLUMNS = "user_id, username, password_hash, created_at"
+APP_COLUMNS = "app_id, user_id, label, state, created_at, revoked_at"
+GRANT_COLUMNS = "device_id, user_id, role, granted_by, created_at, expires_at"
+SESSION_COLUMNS = (
+    "session_id, device_id, user_id, app_id, opened_at, expires_at, outcome, reason, "
+    "cnf_thumbprint, ended_at, bytes"
 )
 TOKEN_COLUMNS = "token_hash, device_id, created_at, expires_at, created_by, used_at"  # noqa: S105
 
@@ -43,6 +56,20 @@ def _cert(row: sqlite3.Row | tuple[Any, ...]) -> CertificateRecord:
     values = list(row)
     values[8] = CertStatus(values[8])
     return CertificateRecord(*values)
+
+
+def _app(row: tuple[Any, ...]) -> AppRecord:
+    return AppRecord(row[0], row[1], row[2], DeviceState(row[3]), row[4], row[5])
+
+
+def _grant(row: tuple[Any, ...]) -> GrantRecord:
+    return GrantRecord(row[0], row[1], Role(row[2]), row[3], row[4], row[5])
+
+
+def _session(row: tuple[Any, ...]) -> SessionRecord:
+    values = list(row)
+    values[6] = SessionOutcome(values[6])
+    return SessionRecord(*values)
 
 
 class SqliteTransaction:
@@ -189,6 +216,141 @@ class SqliteTransaction:
         )
         return cursor.rowcount
 
+    # users and app instances
+    def insert_user(self, user: UserRecord) -> None:
+        self._conn.execute(
+            f"INSERT INTO users ({USER_COLUMNS}) VALUES (?, ?, ?, ?)",
+            (user.user_id, user.username, user.password_hash, user.created_at),
+        )
+
+    def get_user(self, user_id: str) -> UserRecord | None:
+        row = self._one(f"SELECT {USER_COLUMNS} FROM users WHERE user_id = ?", (user_id,))
+        return UserRecord(*row) if row else None
+
+    def get_user_by_username(self, username: str) -> UserRecord | None:
+        row = self._one(f"SELECT {USER_COLUMNS} FROM users WHERE username = ?", (username,))
+        return UserRecord(*row) if row else None
+
+    def insert_app(self, app: AppRecord) -> None:
+        self._conn.execute(
+            f"INSERT INTO app_instances ({APP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+            (app.app_id, app.user_id, app.label, app.state.value, app.created_at, app.revoked_at),
+        )
+
+    def get_app(self, app_id: str) -> AppRecord | None:
+        row = self._one(f"SELECT {APP_COLUMNS} FROM app_instances WHERE app_id = ?", (app_id,))
+        return _app(row) if row else None
+
+    def revoke_app(self, app_id: str, at: int) -> None:
+        self._conn.execute(
+            "UPDATE app_instances SET state = 'revoked', revoked_at = ? WHERE app_id = ?",
+            (at, app_id),
+        )
+
+    # ownership and shares
+    def claim_device(self, device_id: str, claim_code_hash: str) -> bool:
+        cursor = self._conn.execute(
+            "UPDATE devices SET claim_code_hash = NULL "
+            "WHERE device_id = ? AND claim_code_hash = ? AND state = 'active'",
+            (device_id, claim_code_hash),
+        )
+        return cursor.rowcount == 1
+
+    def get_grant(self, device_id: str, user_id: str) -> GrantRecord | None:
+        row = self._one(
+            f"SELECT {GRANT_COLUMNS} FROM grants WHERE device_id = ? AND user_id = ?",
+            (device_id, user_id),
+        )
+        return _grant(row) if row else None
+
+    def insert_grant(self, grant: GrantRecord) -> None:
+        self._conn.execute(
+            f"INSERT INTO grants ({GRANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                grant.device_id,
+                grant.user_id,
+                grant.role.value,
+                grant.granted_by,
+                grant.created_at,
+                grant.expires_at,
+            ),
+        )
+
+    def delete_grant(self, device_id: str, user_id: str) -> bool:
+        cursor = self._conn.execute(
+            "DELETE FROM grants WHERE device_id = ? AND user_id = ?", (device_id, user_id)
+        )
+        return cursor.rowcount == 1
+
+    def delete_grants(self, device_id: str) -> list[GrantRecord]:
+        rows = self._conn.execute(
+            f"DELETE FROM grants WHERE device_id = ? RETURNING {GRANT_COLUMNS}", (device_id,)
+        ).fetchall()
+        return [_grant(r) for r in rows]
+
+    def grants_of_user(self, user_id: str) -> list[GrantRecord]:
+        rows = self._conn.execute(
+            f"SELECT {GRANT_COLUMNS} FROM grants WHERE user_id = ? ORDER BY device_id", (user_id,)
+        )
+        return [_grant(r) for r in rows]
+
+    # sessions
+    def insert_session(self, session: SessionRecord) -> None:
+        self._conn.execute(
+            f"INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                session.session_id,
+                session.device_id,
+                session.user_id,
+                session.app_id,
+                session.opened_at,
+                session.expires_at,
+                session.outcome.value,
+                session.reason,
+                session.cnf_thumbprint,
+                session.ended_at,
+                session.bytes,
+            ),
+        )
+
+    def get_session(self, session_id: str) -> SessionRecord | None:
+        row = self._one(
+            f"SELECT {SESSION_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,)
+        )
+        return _session(row) if row else None
+
+    def end_sessions(self, session_ids: list[str], at: int, reason: str) -> list[str]:
+        ended = []
+        for session_id in session_ids:
+            row = self._one(
+                "UPDATE sessions SET outcome = 'ended', ended_at = ?, reason = ? "
+                "WHERE session_id = ? AND outcome = 'opened' RETURNING session_id",
+                (at, reason, session_id),
+            )
+            if row:
+                ended.append(row[0])
+        return ended
+
+    def open_sessions(
+        self, *, device_id: str = "", user_id: str = "", app_id: str = ""
+    ) -> list[SessionRecord]:
+        clauses, args = ["outcome = 'opened'"], []
+        for column, value in (("device_id", device_id), ("user_id", user_id), ("app_id", app_id)):
+            if value:
+                clauses.append(f"{column} = ?")
+                args.append(value)
+        rows = self._conn.execute(
+            f"SELECT {SESSION_COLUMNS} FROM sessions WHERE {' AND '.join(clauses)}", tuple(args)
+        )
+        return [_session(r) for r in rows]
+
+    def sessions_of_device(self, device_id: str) -> list[SessionRecord]:
+        rows = self._conn.execute(
+            f"SELECT {SESSION_COLUMNS} FROM sessions WHERE device_id = ? ORDER BY opened_at, session_id",
+            (device_id,),
+        )
+        return [_session(r) for r in rows]
+
     # audit
     def append_audit(self, event: AuditEvent, at_ms: int) -> AuditEntry:
         last = self._one("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1", ())
@@ -232,7 +394,11 @@ class SqliteStore:
         ):
             self._conn.execute(pragma)
         if migrate:
-            self.migrate()
+            try:
+                self.migrate()
+            except BaseException:
+                self._conn.close()
+                raise
 
     def schema_version(self) -> int:
         with self._lock:

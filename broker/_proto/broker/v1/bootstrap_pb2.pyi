@@ -41,3 +41,47 @@ class EnrollDeviceResponse(_message.Message):
     renew_after: int
     claim_code: str
     def __init__(self, device_id: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., certificate_chain_pem: _Optional[str] = ..., trust_bundle: _Optional[_Union[_common_pb2.TrustBundle, _Mapping]] = ..., not_after: _Optional[int] = ..., renew_after: _Optional[int] = ..., claim_code: _Optional[str] = ...) -> None: ...
+
+class CreateAccountRequest(_message.Message):
+    __slots__ = ("username", "password")
+    USERNAME_FIELD_NUMBER: _ClassVar[int]
+    PASSWORD_FIELD_NUMBER: _ClassVar[int]
+    username: str
+    password: str
+    def __init__(self, username: _Optional[str] = ..., password: _Optional[str] = ...) -> None: ...
+
+class CreateAccountResponse(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    def __init__(self, user_id: _Optional[str] = ...) -> None: ...
+
+class EnrollAppRequest(_message.Message):
+    __slots__ = ("username", "password", "csr_pem", "label")
+    USERNAME_FIELD_NUMBER: _ClassVar[int]
+    PASSWORD_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    username: str
+    password: str
+    csr_pem: str
+    label: str
+    def __init__(self, username: _Optional[str] = ..., password: _Optional[str] = ..., csr_pem: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
+
+class EnrollAppResponse(_message.Message):
+    __slots__ = ("user_id", "app_id", "spiffe_id", "certificate_chain_pem", "trust_bundle", "not_after", "renew_after")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    APP_ID_FIELD_NUMBER: _ClassVar[int]
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_CHAIN_PEM_FIELD_NUMBER: _ClassVar[int]
+    TRUST_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    RENEW_AFTER_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    app_id: str
+    spiffe_id: str
+    certificate_chain_pem: str
+    trust_bundle: _common_pb2.TrustBundle
+    not_after: int
+    renew_after: int
+    def __init__(self, user_id: _Optional[str] = ..., app_id: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., certificate_chain_pem: _Optional[str] = ..., trust_bundle: _Optional[_Union[_common_pb2.TrustBundle, _Mapping]] = ..., not_after: _Optional[int] = ..., renew_after: _Optional[int] = ...) -> None: ...

@@ -46,6 +46,16 @@ class BootstrapStub:
                 request_serializer=broker_dot_v1_dot_bootstrap__pb2.EnrollDeviceRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_bootstrap__pb2.EnrollDeviceResponse.FromString,
                 _registered_method=True)
+        self.CreateAccount = channel.unary_unary(
+                '/broker.v1.Bootstrap/CreateAccount',
+                request_serializer=broker_dot_v1_dot_bootstrap__pb2.CreateAccountRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_bootstrap__pb2.CreateAccountResponse.FromString,
+                _registered_method=True)
+        self.EnrollApp = channel.unary_unary(
+                '/broker.v1.Bootstrap/EnrollApp',
+                request_serializer=broker_dot_v1_dot_bootstrap__pb2.EnrollAppRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_bootstrap__pb2.EnrollAppResponse.FromString,
+                _registered_method=True)
 
 
 class BootstrapServicer:
@@ -65,6 +75,20 @@ class BootstrapServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateAccount(self, request, context):
+        """Can be switched off in config (BROKER_ALLOW_SIGNUP=0); then FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnrollApp(self, request, context):
+        """Password login plus a CSR from a key made on the phone: an app-instance certificate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BootstrapServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +101,16 @@ def add_BootstrapServicer_to_server(servicer, server):
                     servicer.EnrollDevice,
                     request_deserializer=broker_dot_v1_dot_bootstrap__pb2.EnrollDeviceRequest.FromString,
                     response_serializer=broker_dot_v1_dot_bootstrap__pb2.EnrollDeviceResponse.SerializeToString,
+            ),
+            'CreateAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateAccount,
+                    request_deserializer=broker_dot_v1_dot_bootstrap__pb2.CreateAccountRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_bootstrap__pb2.CreateAccountResponse.SerializeToString,
+            ),
+            'EnrollApp': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnrollApp,
+                    request_deserializer=broker_dot_v1_dot_bootstrap__pb2.EnrollAppRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_bootstrap__pb2.EnrollAppResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +169,60 @@ class Bootstrap:
             '/broker.v1.Bootstrap/EnrollDevice',
             broker_dot_v1_dot_bootstrap__pb2.EnrollDeviceRequest.SerializeToString,
             broker_dot_v1_dot_bootstrap__pb2.EnrollDeviceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.Bootstrap/CreateAccount',
+            broker_dot_v1_dot_bootstrap__pb2.CreateAccountRequest.SerializeToString,
+            broker_dot_v1_dot_bootstrap__pb2.CreateAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnrollApp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.Bootstrap/EnrollApp',
+            broker_dot_v1_dot_bootstrap__pb2.EnrollAppRequest.SerializeToString,
+            broker_dot_v1_dot_bootstrap__pb2.EnrollAppResponse.FromString,
             options,
             channel_credentials,
             insecure,

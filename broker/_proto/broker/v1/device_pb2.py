@@ -25,33 +25,37 @@ _sym_db = _symbol_database.Default()
 from broker._proto.broker.v1 import common_pb2 as broker_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62roker/v1/device.proto\x12\tbroker.v1\x1a\x16\x62roker/v1/common.proto\"*\n\x17RenewCertificateRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\"\x8f\x01\n\x18RenewCertificateResponse\x12\x1d\n\x15\x63\x65rtificate_chain_pem\x18\x01 \x01(\t\x12,\n\x0ctrust_bundle\x18\x02 \x01(\x0b\x32\x16.broker.v1.TrustBundle\x12\x11\n\tnot_after\x18\x03 \x01(\x03\x12\x13\n\x0brenew_after\x18\x04 \x01(\x03\"e\n\rDeviceMessage\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.broker.v1.HelloH\x00\x12)\n\theartbeat\x18\x02 \x01(\x0b\x32\x14.broker.v1.HeartbeatH\x00\x42\x06\n\x04kind\"?\n\x05Hello\x12\x1c\n\x14trust_bundle_version\x18\x01 \x01(\t\x12\x18\n\x10\x66irmware_version\x18\x02 \x01(\t\";\n\tHeartbeat\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x1c\n\x14trust_bundle_version\x18\x02 \x01(\t\"\xe1\x01\n\rBrokerMessage\x12-\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x19.broker.v1.AttachAcceptedH\x00\x12\x30\n\rheartbeat_ack\x18\x02 \x01(\x0b\x32\x17.broker.v1.HeartbeatAckH\x00\x12;\n\x13trust_bundle_update\x18\x03 \x01(\x0b\x32\x1c.broker.v1.TrustBundleUpdateH\x00\x12*\n\nrenew_soon\x18\x04 \x01(\x0b\x32\x14.broker.v1.RenewSoonH\x00\x42\x06\n\x04kind\"\\\n\x0e\x41ttachAccepted\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x13\n\x0bserver_time\x18\x02 \x01(\x03\x12\"\n\x1aheartbeat_interval_seconds\x18\x03 \x01(\r\" \n\x0cHeartbeatAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"A\n\x11TrustBundleUpdate\x12,\n\x0ctrust_bundle\x18\x01 \x01(\x0b\x32\x16.broker.v1.TrustBundle\"\x1e\n\tRenewSoon\x12\x11\n\tnot_after\x18\x01 \x01(\x03\x32\xae\x01\n\rDeviceService\x12[\n\x10RenewCertificate\x12\".broker.v1.RenewCertificateRequest\x1a#.broker.v1.RenewCertificateResponse\x12@\n\x06\x41ttach\x12\x18.broker.v1.DeviceMessage\x1a\x18.broker.v1.BrokerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62roker/v1/device.proto\x12\tbroker.v1\x1a\x16\x62roker/v1/common.proto\"\x17\n\x15ResetOwnershipRequest\"D\n\x16ResetOwnershipResponse\x12\x12\n\nclaim_code\x18\x01 \x01(\t\x12\x16\n\x0esessions_ended\x18\x02 \x01(\r\"*\n\x17RenewCertificateRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\"\x8f\x01\n\x18RenewCertificateResponse\x12\x1d\n\x15\x63\x65rtificate_chain_pem\x18\x01 \x01(\t\x12,\n\x0ctrust_bundle\x18\x02 \x01(\x0b\x32\x16.broker.v1.TrustBundle\x12\x11\n\tnot_after\x18\x03 \x01(\x03\x12\x13\n\x0brenew_after\x18\x04 \x01(\x03\"e\n\rDeviceMessage\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.broker.v1.HelloH\x00\x12)\n\theartbeat\x18\x02 \x01(\x0b\x32\x14.broker.v1.HeartbeatH\x00\x42\x06\n\x04kind\"?\n\x05Hello\x12\x1c\n\x14trust_bundle_version\x18\x01 \x01(\t\x12\x18\n\x10\x66irmware_version\x18\x02 \x01(\t\";\n\tHeartbeat\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x1c\n\x14trust_bundle_version\x18\x02 \x01(\t\"\xe1\x01\n\rBrokerMessage\x12-\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x19.broker.v1.AttachAcceptedH\x00\x12\x30\n\rheartbeat_ack\x18\x02 \x01(\x0b\x32\x17.broker.v1.HeartbeatAckH\x00\x12;\n\x13trust_bundle_update\x18\x03 \x01(\x0b\x32\x1c.broker.v1.TrustBundleUpdateH\x00\x12*\n\nrenew_soon\x18\x04 \x01(\x0b\x32\x14.broker.v1.RenewSoonH\x00\x42\x06\n\x04kind\"\\\n\x0e\x41ttachAccepted\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x13\n\x0bserver_time\x18\x02 \x01(\x03\x12\"\n\x1aheartbeat_interval_seconds\x18\x03 \x01(\r\" \n\x0cHeartbeatAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"A\n\x11TrustBundleUpdate\x12,\n\x0ctrust_bundle\x18\x01 \x01(\x0b\x32\x16.broker.v1.TrustBundle\"\x1e\n\tRenewSoon\x12\x11\n\tnot_after\x18\x01 \x01(\x03\x32\x85\x02\n\rDeviceService\x12[\n\x10RenewCertificate\x12\".broker.v1.RenewCertificateRequest\x1a#.broker.v1.RenewCertificateResponse\x12@\n\x06\x41ttach\x12\x18.broker.v1.DeviceMessage\x1a\x18.broker.v1.BrokerMessage(\x01\x30\x01\x12U\n\x0eResetOwnership\x12 .broker.v1.ResetOwnershipRequest\x1a!.broker.v1.ResetOwnershipResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'broker.v1.device_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RENEWCERTIFICATEREQUEST']._serialized_start=61
-  _globals['_RENEWCERTIFICATEREQUEST']._serialized_end=103
-  _globals['_RENEWCERTIFICATERESPONSE']._serialized_start=106
-  _globals['_RENEWCERTIFICATERESPONSE']._serialized_end=249
-  _globals['_DEVICEMESSAGE']._serialized_start=251
-  _globals['_DEVICEMESSAGE']._serialized_end=352
-  _globals['_HELLO']._serialized_start=354
-  _globals['_HELLO']._serialized_end=417
-  _globals['_HEARTBEAT']._serialized_start=419
-  _globals['_HEARTBEAT']._serialized_end=478
-  _globals['_BROKERMESSAGE']._serialized_start=481
-  _globals['_BROKERMESSAGE']._serialized_end=706
-  _globals['_ATTACHACCEPTED']._serialized_start=708
-  _globals['_ATTACHACCEPTED']._serialized_end=800
-  _globals['_HEARTBEATACK']._serialized_start=802
-  _globals['_HEARTBEATACK']._serialized_end=834
-  _globals['_TRUSTBUNDLEUPDATE']._serialized_start=836
-  _globals['_TRUSTBUNDLEUPDATE']._serialized_end=901
-  _globals['_RENEWSOON']._serialized_start=903
-  _globals['_RENEWSOON']._serialized_end=933
-  _globals['_DEVICESERVICE']._serialized_start=936
-  _globals['_DEVICESERVICE']._serialized_end=1110
+  _globals['_RESETOWNERSHIPREQUEST']._serialized_start=61
+  _globals['_RESETOWNERSHIPREQUEST']._serialized_end=84
+  _globals['_RESETOWNERSHIPRESPONSE']._serialized_start=86
+  _globals['_RESETOWNERSHIPRESPONSE']._serialized_end=154
+  _globals['_RENEWCERTIFICATEREQUEST']._serialized_start=156
+  _globals['_RENEWCERTIFICATEREQUEST']._serialized_end=198
+  _globals['_RENEWCERTIFICATERESPONSE']._serialized_start=201
+  _globals['_RENEWCERTIFICATERESPONSE']._serialized_end=344
+  _globals['_DEVICEMESSAGE']._serialized_start=346
+  _globals['_DEVICEMESSAGE']._serialized_end=447
+  _globals['_HELLO']._serialized_start=449
+  _globals['_HELLO']._serialized_end=512
+  _globals['_HEARTBEAT']._serialized_start=514
+  _globals['_HEARTBEAT']._serialized_end=573
+  _globals['_BROKERMESSAGE']._serialized_start=576
+  _globals['_BROKERMESSAGE']._serialized_end=801
+  _globals['_ATTACHACCEPTED']._serialized_start=803
+  _globals['_ATTACHACCEPTED']._serialized_end=895
+  _globals['_HEARTBEATACK']._serialized_start=897
+  _globals['_HEARTBEATACK']._serialized_end=929
+  _globals['_TRUSTBUNDLEUPDATE']._serialized_start=931
+  _globals['_TRUSTBUNDLEUPDATE']._serialized_end=996
+  _globals['_RENEWSOON']._serialized_start=998
+  _globals['_RENEWSOON']._serialized_end=1028
+  _globals['_DEVICESERVICE']._serialized_start=1031
+  _globals['_DEVICESERVICE']._serialized_end=1292
 # @@protoc_insertion_point(module_scope)

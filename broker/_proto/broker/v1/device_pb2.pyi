@@ -6,6 +6,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ResetOwnershipRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ResetOwnershipResponse(_message.Message):
+    __slots__ = ("claim_code", "sessions_ended")
+    CLAIM_CODE_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_ENDED_FIELD_NUMBER: _ClassVar[int]
+    claim_code: str
+    sessions_ended: int
+    def __init__(self, claim_code: _Optional[str] = ..., sessions_ended: _Optional[int] = ...) -> None: ...
+
 class RenewCertificateRequest(_message.Message):
     __slots__ = ("csr_pem",)
     CSR_PEM_FIELD_NUMBER: _ClassVar[int]

@@ -45,6 +45,11 @@ class DeviceServiceStub:
                 request_serializer=broker_dot_v1_dot_device__pb2.DeviceMessage.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_device__pb2.BrokerMessage.FromString,
                 _registered_method=True)
+        self.ResetOwnership = channel.unary_unary(
+                '/broker.v1.DeviceService/ResetOwnership',
+                request_serializer=broker_dot_v1_dot_device__pb2.ResetOwnershipRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_device__pb2.ResetOwnershipResponse.FromString,
+                _registered_method=True)
 
 
 class DeviceServiceServicer:
@@ -64,6 +69,13 @@ class DeviceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResetOwnership(self, request, context):
+        """Factory reset: drops the owner and every share, ends their sessions, returns a new claim code.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +88,11 @@ def add_DeviceServiceServicer_to_server(servicer, server):
                     servicer.Attach,
                     request_deserializer=broker_dot_v1_dot_device__pb2.DeviceMessage.FromString,
                     response_serializer=broker_dot_v1_dot_device__pb2.BrokerMessage.SerializeToString,
+            ),
+            'ResetOwnership': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetOwnership,
+                    request_deserializer=broker_dot_v1_dot_device__pb2.ResetOwnershipRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_device__pb2.ResetOwnershipResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +150,33 @@ class DeviceService:
             '/broker.v1.DeviceService/Attach',
             broker_dot_v1_dot_device__pb2.DeviceMessage.SerializeToString,
             broker_dot_v1_dot_device__pb2.BrokerMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetOwnership(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.DeviceService/ResetOwnership',
+            broker_dot_v1_dot_device__pb2.ResetOwnershipRequest.SerializeToString,
+            broker_dot_v1_dot_device__pb2.ResetOwnershipResponse.FromString,
             options,
             channel_credentials,
             insecure,

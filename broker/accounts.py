@@ -1,0 +1,242 @@
+"""Users and app instances: sign-up, password login, app-instance certificates, sign-out.
+
+Core logic, no transport. Login is split from issuance so the slow argon2 check runs off the
+thread that serialises store writes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import secrets
+import unicodedata
+from dataclasses import dataclass
+
+from broker.audit import AuditEvent
+from broker.ca import IssuedCertificate, IssuingAuthority
+from broker.clock import Clock, unix
+from broker.config import Config
+from broker.csr import PublicKey, public_key_from_csr, spki_sha256
+from broker.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+)
+from broker.identity import Identity, Kind
+from broker.passwords import PasswordHasher, check_password_policy
+from broker.ratelimit import FailureLimiter
+from broker.store import (
+    AppRecord,
+    CertificateRecord,
+    CertStatus,
+    DeviceState,
+    Store,
+    Transaction,
+    UserRecord,
+)
+
+USERNAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._@+-]{2,63}$")
+MAX_LABEL = 64
+LOGIN_FAILED = "username or password is wrong"
+
+
+def normalize_username(username: str) -> str:
+    """Case-folded NFKC username, validated; raises InvalidArgument."""
+    name = unicodedata.normalize("NFKC", username).strip().lower()
+    if not USERNAME_PATTERN.fullmatch(name):
+        raise InvalidArgument("username must be 3-64 characters of a-z, 0-9 and . _ @ + -")
+    return name
+
+
+def new_id(prefix: str) -> str:
+    """A random id in the safe alphabet, e.g. ``u-3f9a...``."""
+    return f"{prefix}-{secrets.token_hex(8)}"
+
+
+@dataclass(frozen=True, slots=True)
+class AppEnrollment:
+    identity: Identity
+    issued: IssuedCertificate
+
+
+class Accounts:
+    """Who the users are and which app instances speak for them."""
+
+    def __init__(
+        self,
+        config: Config,
+        ca: IssuingAuthority,
+        store: Store,
+        clock: Clock,
+        hasher: PasswordHasher,
+    ) -> None:
+        self._config = config
+        self._ca = ca
+        self._store = store
+        self._clock = clock
+        self._hasher = hasher
+        self._per_user = FailureLimiter(
+            clock,
+            config.login_failures_per_user,
+            config.login_window_seconds,
+            "failed logins for this user",
+        )
+        self._per_peer = FailureLimiter(
+            clock,
+            config.login_failures_per_peer,
+            config.login_window_seconds,
+            "failed logins from this address",
+        )
+
+    def _now(self) -> int:
+        return unix(self._clock.now())
+
+    def _audit(self, tx: Transaction, event: AuditEvent) -> None:
+        tx.append_audit(event, int(self._clock.now().timestamp() * 1000))
+
+    # -- sign-up ---------------------------------------------------------------------------------
+    def create_account(self, username: str, password: str) -> str:
+        """Create a user; returns its user_id. Slow (argon2): run off the store thread."""
+        if not self._config.allow_signup:
+            raise FailedPrecondition("account sign-up is switched off on this broker")
+        name = normalize_username(username)
+        check_password_policy(password)
+        password_hash = self._hasher.hash(password)
+        user_id = new_id("u")
+        with self._store.transaction() as tx:
+            if tx.get_user_by_username(name) is not None:
+                raise AlreadyExists("that username is taken")
+            tx.insert_user(UserRecord(user_id, name, password_hash, self._now()))
+            self._audit(tx, AuditEvent("anonymous", "user.created", user_id, {"username": name}))
+        return user_id
+
+    # -- login -----------------------------------------------------------------------------------
+    def authenticate(self, username: str, password: str, peer: str) -> UserRecord:
+        """The user whose password this is; rate-limited per username and per peer.
+
+        Unknown users and wrong passwords get the same error and cost the same time.
+        """
+        try:
+            name = normalize_username(username)
+        except InvalidArgument:
+            name = ""
+        self._per_peer.check(peer)
+        if name:
+            self._per_user.check(name)
+        with self._store.read() as tx:
+            user = tx.get_user_by_username(name) if name else None
+        if not self._hasher.verify(user.password_hash if user else None, password) or user is None:
+            self._per_peer.fail(peer)
+            if name:
+                self._per_user.fail(name)
+            with self._store.transaction() as tx:
+                self._audit(tx, AuditEvent("anonymous", "user.login.denied", name, {"peer": peer}))
+            raise Unauthenticated(LOGIN_FAILED)
+        self._per_user.reset(name)
+        return user
+
+    # -- app instances -----------------------------------------------------------------------
+    def issue_app_certificate(self, user: UserRecord, csr_pem: str, label: str) -> AppEnrollment:
+        """A new app instance for an authenticated user, with its 7-day certificate."""
+        key = public_key_from_csr(csr_pem)
+        label = check_label(label)
+        app_id = new_id("a")
+        identity = Identity(Kind.APP, self._config.trust_domain, user.user_id, app_id)
+        with self._store.transaction() as tx:
+            if tx.subjects_with_key(spki_sha256(key)):
+                raise PermissionDenied(
+                    "this public key already belongs to another identity: make a new key"
+                )
+            tx.insert_app(AppRecord(app_id, user.user_id, label, DeviceState.ACTIVE, self._now()))
+            issued = self._issue(tx, identity, key)
+            self._audit(
+                tx,
+                AuditEvent(
+                    identity.spiffe_id,
+                    "app.enrolled",
+                    user.user_id,
+                    {"app_id": app_id, "serial": issued.serial, "label": label},
+                ),
+            )
+        return AppEnrollment(identity, issued)
+
+    def renew_app(self, caller: Identity, csr_pem: str) -> IssuedCertificate:
+        """A new certificate for the calling app instance; the old one is superseded."""
+        key = public_key_from_csr(csr_pem)
+        with self._store.transaction() as tx:
+            app = tx.get_app(caller.app_id)
+            if app is None or app.state is not DeviceState.ACTIVE or app.user_id != caller.name:
+                raise Unauthenticated("app instance is signed out or revoked")
+            if tx.subjects_with_key(spki_sha256(key)) - {caller.spiffe_id}:
+                raise PermissionDenied(
+                    "this public key already belongs to another identity: make a new key"
+                )
+            issued = self._issue(tx, caller, key)
+            superseded = tx.supersede_certificates(caller.spiffe_id, issued.serial, self._now())
+            self._audit(
+                tx,
+                AuditEvent(
+                    caller.spiffe_id,
+                    "certificate.renewed",
+                    caller.app_id,
+                    {"serial": issued.serial, "superseded": superseded},
+                ),
+            )
+        return issued
+
+    def _issue(self, tx: Transaction, identity: Identity, key: PublicKey) -> IssuedCertificate:
+        issued = self._ca.issue(key, identity, dt.timedelta(days=self._config.app_cert_days))
+        tx.insert_certificate(
+            CertificateRecord(
+                serial=issued.serial,
+                spiffe_id=identity.spiffe_id,
+                kind=identity.kind.value,
+                subject=identity.spiffe_id,
+                spki_sha256=spki_sha256(key),
+                fingerprint=issued.fingerprint,
+                not_before=unix(issued.not_before),
+                not_after=unix(issued.not_after),
+                status=CertStatus.ACTIVE,
+                issued_at=self._now(),
+            )
+        )
+        return issued
+
+    def revoke_app(self, actor: Identity, user_id: str, app_id: str, reason: str) -> list[str]:
+        """Revoke an app instance and its certificates; returns the ended session ids."""
+        now = self._now()
+        spiffe = Identity(Kind.APP, self._config.trust_domain, user_id, app_id).spiffe_id
+        with self._store.transaction() as tx:
+            app = tx.get_app(app_id)
+            if app is None or app.user_id != user_id:
+                raise Unauthenticated("no such app instance")
+            if app.state is not DeviceState.ACTIVE:
+                raise FailedPrecondition("app instance is already revoked")
+            tx.revoke_app(app_id, now)
+            serials = tx.revoke_certificates(spiffe, now, reason)
+            open_ids = [s.session_id for s in tx.open_sessions(app_id=app_id)]
+            ended = tx.end_sessions(open_ids, now, reason)
+            self._audit(
+                tx,
+                AuditEvent(
+                    actor.spiffe_id,
+                    "app.revoked",
+                    app_id,
+                    {
+                        "user_id": user_id,
+                        "serials": serials,
+                        "reason": reason,
+                        "sessions_ended": ended,
+                    },
+                ),
+            )
+        return ended
+
+
+def check_label(label: str) -> str:
+    """A printable label of at most 64 characters."""
+    if len(label) > MAX_LABEL or not label.isprintable():
+        raise InvalidArgument(f"label must be at most {MAX_LABEL} printable characters")
+    return label

@@ -1,0 +1,216 @@
+"""Who may see which camera: claiming, sharing, factory reset (I4, I8).
+
+Every decision reads the store of record inside the transaction that acts on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from broker.audit import AuditEvent
+from broker.clock import Clock, unix
+from broker.config import Config
+from broker.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from broker.identity import Identity, Kind, validate_device_id
+from broker.onetime import new_claim_code, normalize_claim_code, secret_hash
+from broker.ratelimit import FailureLimiter
+from broker.store import DeviceRecord, DeviceState, GrantRecord, Role, Store, Transaction
+
+CLAIM_REFUSED = "claim code is wrong, already used, or the device is already claimed"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceAccess:
+    """A device the user may see, and how."""
+
+    grant: GrantRecord
+    device: DeviceRecord
+
+
+def claim_code_hash(code: str) -> str:
+    """Claim codes are stored hashed in normalised form (I11)."""
+    return secret_hash(normalize_claim_code(code))
+
+
+class Ownership:
+    """Grants of devices to users."""
+
+    def __init__(self, config: Config, store: Store, clock: Clock) -> None:
+        self._config = config
+        self._store = store
+        self._clock = clock
+        self._claims_per_user = FailureLimiter(
+            clock,
+            config.claim_failures_per_user,
+            config.claim_window_seconds,
+            "wrong claim codes from this user",
+        )
+        self._claims_per_device = FailureLimiter(
+            clock,
+            config.claim_failures_per_device,
+            config.claim_window_seconds,
+            "wrong claim codes for this device",
+        )
+
+    def _now(self) -> int:
+        return unix(self._clock.now())
+
+    def _audit(self, tx: Transaction, event: AuditEvent) -> None:
+        tx.append_audit(event, int(self._clock.now().timestamp() * 1000))
+
+    # -- claim -----------------------------------------------------------------------------------
+    def claim(self, caller: Identity, device_id: str, claim_code: str) -> None:
+        """Make the caller's user the owner, if the single-use code matches (I8)."""
+        validate_device_id(device_id)
+        self._claims_per_user.check(caller.name)
+        self._claims_per_device.check(device_id)
+        with self._store.transaction() as tx:
+            if claim_code and tx.claim_device(device_id, claim_code_hash(claim_code)):
+                tx.insert_grant(
+                    GrantRecord(device_id, caller.name, Role.OWNER, caller.spiffe_id, self._now())
+                )
+                self._audit(
+                    tx,
+                    AuditEvent(
+                        caller.spiffe_id, "device.claimed", device_id, {"user_id": caller.name}
+                    ),
+                )
+                return
+        self._claims_per_user.fail(caller.name)
+        self._claims_per_device.fail(device_id)
+        with self._store.transaction() as tx:
+            self._audit(
+                tx,
+                AuditEvent(
+                    caller.spiffe_id, "device.claim.denied", device_id, {"user_id": caller.name}
+                ),
+            )
+        raise PermissionDenied(CLAIM_REFUSED)
+
+    def reset(self, device: Identity) -> tuple[str, list[str]]:
+        """Factory reset: drop owner and shares, end their sessions, issue a new claim code."""
+        code = new_claim_code()
+        now = self._now()
+        with self._store.transaction() as tx:
+            record = tx.get_device(device.name)
+            if record is None or record.state is not DeviceState.ACTIVE:
+                raise FailedPrecondition("device is not active")
+            dropped = tx.delete_grants(device.name)
+            tx.set_claim_code_hash(device.name, claim_code_hash(code))
+            open_ids = [s.session_id for s in tx.open_sessions(device_id=device.name)]
+            ended = tx.end_sessions(open_ids, now, "ownership reset")
+            self._audit(
+                tx,
+                AuditEvent(
+                    device.spiffe_id,
+                    "device.ownership_reset",
+                    device.name,
+                    {
+                        "grants_dropped": [f"{g.role.value}:{g.user_id}" for g in dropped],
+                        "sessions_ended": ended,
+                    },
+                ),
+            )
+        return code, ended
+
+    # -- shares ----------------------------------------------------------------------------------
+    def _require_owner(self, tx: Transaction, caller: Identity, device_id: str) -> None:
+        grant = tx.get_grant(device_id, caller.name)
+        if grant is None or grant.role is not Role.OWNER:
+            raise PermissionDenied("only the device's owner can do this")
+
+    def share(self, caller: Identity, device_id: str, username: str, expires_at: int) -> str:
+        """Grant VIEWER access to username (optionally until expires_at); returns their user_id."""
+        from broker.accounts import normalize_username
+
+        validate_device_id(device_id)
+        name = normalize_username(username)
+        now = self._now()
+        if expires_at and expires_at <= now:
+            raise InvalidArgument("expires_at must be in the future (or 0 for no expiry)")
+        with self._store.transaction() as tx:
+            self._require_owner(tx, caller, device_id)
+            user = tx.get_user_by_username(name)
+            if user is None:
+                raise NotFound("no user with that username")
+            if user.user_id == caller.name:
+                raise InvalidArgument("you already own this device")
+            tx.delete_grant(device_id, user.user_id)  # re-sharing replaces the expiry
+            tx.insert_grant(
+                GrantRecord(
+                    device_id, user.user_id, Role.VIEWER, caller.spiffe_id, now, expires_at or None
+                )
+            )
+            self._audit(
+                tx,
+                AuditEvent(
+                    caller.spiffe_id,
+                    "share.granted",
+                    device_id,
+                    {"user_id": user.user_id, "expires_at": expires_at},
+                ),
+            )
+        return user.user_id
+
+    def revoke_share(self, caller: Identity, device_id: str, username: str) -> list[str]:
+        """Withdraw a VIEWER grant; returns the ended session ids of that viewer on the device."""
+        from broker.accounts import normalize_username
+
+        validate_device_id(device_id)
+        name = normalize_username(username)
+        with self._store.transaction() as tx:
+            self._require_owner(tx, caller, device_id)
+            user = tx.get_user_by_username(name)
+            grant = tx.get_grant(device_id, user.user_id) if user else None
+            if user is None or grant is None or grant.role is not Role.VIEWER:
+                raise NotFound("that user has no share on this device")
+            tx.delete_grant(device_id, user.user_id)
+            open_ids = [
+                s.session_id for s in tx.open_sessions(device_id=device_id, user_id=user.user_id)
+            ]
+            ended = tx.end_sessions(open_ids, self._now(), "share revoked")
+            self._audit(
+                tx,
+                AuditEvent(
+                    caller.spiffe_id,
+                    "share.revoked",
+                    device_id,
+                    {"user_id": user.user_id, "sessions_ended": ended},
+                ),
+            )
+        return ended
+
+    # -- queries ---------------------------------------------------------------------------------
+    def devices_of(self, caller: Identity) -> list[DeviceAccess]:
+        """Devices the caller's user owns or holds an unexpired share on."""
+        now = self._now()
+        with self._store.read() as tx:
+            result = []
+            for grant in tx.grants_of_user(caller.name):
+                device = tx.get_device(grant.device_id)
+                if (
+                    device is not None
+                    and device.state is DeviceState.ACTIVE
+                    and grant.active_at(now)
+                ):
+                    result.append(DeviceAccess(grant, device))
+            return result
+
+
+def require_grant(tx: Transaction, user_id: str, device_id: str, now: int) -> GrantRecord:
+    """The user's live grant on an active device, read from the store of record (I4)."""
+    device = tx.get_device(device_id)
+    if device is None or device.state is not DeviceState.ACTIVE:
+        raise PermissionDenied("no access to that device")
+    grant = tx.get_grant(device_id, user_id)
+    if grant is None:
+        raise PermissionDenied("no access to that device")
+    if not grant.active_at(now):
+        raise PermissionDenied("your share on that device has expired")
+    return grant
+
+
+def require_app(identity: Identity) -> None:
+    """Only app identities act as users."""
+    if identity.kind is not Kind.APP:
+        raise PermissionDenied("this needs an app-instance certificate")

@@ -1,0 +1,116 @@
+"""AppService: the phone app's RPCs. Callers are app instances, identified by certificate only."""
+
+from __future__ import annotations
+
+import grpc
+
+from broker._proto.broker.v1 import app_pb2, app_pb2_grpc
+from broker.clock import unix
+from broker.identity import device
+from broker.service.convert import trust_bundle_pb
+from broker.service.interceptor import current_caller
+from broker.service.runtime import Runtime
+from broker.store import Role
+from broker.tokens import cert_thumbprint
+
+ROLE_PB = {Role.OWNER: app_pb2.ROLE_OWNER, Role.VIEWER: app_pb2.ROLE_VIEWER}
+
+
+def caller_thumbprint() -> str:
+    """RFC 8705 x5t#S256 of the certificate the caller presented on this connection."""
+    return cert_thumbprint(bytes.fromhex(current_caller().fingerprint), prehashed=True)
+
+
+class AppService(app_pb2_grpc.AppServiceServicer):
+    """Thin handlers over accounts, ownership and sessions."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+
+    async def RenewCertificate(
+        self, request: app_pb2.RenewAppCertificateRequest, context: grpc.aio.ServicerContext
+    ) -> app_pb2.RenewAppCertificateResponse:
+        issued = await self._rt.run(
+            self._rt.accounts.renew_app, current_caller().identity, request.csr_pem
+        )
+        return app_pb2.RenewAppCertificateResponse(
+            certificate_chain_pem=issued.chain_pem,
+            trust_bundle=trust_bundle_pb(self._rt.trust_bundle),
+            not_after=unix(issued.not_after),
+            renew_after=unix(issued.renew_after),
+        )
+
+    async def ClaimDevice(
+        self, request: app_pb2.ClaimDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> app_pb2.ClaimDeviceResponse:
+        await self._rt.run(
+            self._rt.ownership.claim,
+            current_caller().identity,
+            request.device_id,
+            request.claim_code,
+        )
+        return app_pb2.ClaimDeviceResponse(device_id=request.device_id)
+
+    async def ListDevices(
+        self, request: app_pb2.ListMyDevicesRequest, context: grpc.aio.ServicerContext
+    ) -> app_pb2.ListMyDevicesResponse:
+        access = await self._rt.run(self._rt.ownership.devices_of, current_caller().identity)
+        td = self._rt.config.trust_domain
+        return app_pb2.ListMyDevicesResponse(
+            devices=[
+                app_pb2.MyDevice(
+                    device_id=a.device.device_id,
+                    role=ROLE_PB[a.grant.role],
+                    online=self._rt.presence.is_online(a.device.device_id),
+                    expires_at=a.grant.expires_at or 0,
+                    spiffe_id=device(td, a.device.device_id).spiffe_id,
+                )
+                for a in access
+            ]
+        )
+
+    async def ShareDevice(
+        self, request: app_pb2.ShareDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> app_pb2.ShareDeviceResponse:
+        user_id = await self._rt.run(
+            self._rt.ownership.share,
+            current_caller().identity,
+            request.device_id,
+            request.username,
+            request.expires_at,
+        )
+        return app_pb2.ShareDeviceResponse(device_id=request.device_id, user_id=user_id)
+
+    async def RevokeShare(
+        self, request: app_pb2.RevokeShareRequest, context: grpc.aio.ServicerContext
+    ) -> app_pb2.RevokeShareResponse:
+        ended = await self._rt.run(
+            self._rt.ownership.revoke_share,
+            current_caller().identity,
+            request.device_id,
+            request.username,
+        )
+        return app_pb2.RevokeShareResponse(sessions_ended=len(ended))
+
+    async def OpenSession(
+        self, request: app_pb2.OpenSessionRequest, context: grpc.aio.ServicerContext
+    ) -> app_pb2.OpenSessionResponse:
+        opened = await self._rt.run(
+            self._rt.sessions.open,
+            current_caller().identity,
+            caller_thumbprint(),
+            request.device_id,
+            request.app_ephemeral_public_key,
+        )
+        return app_pb2.OpenSessionResponse(
+            session_id=opened.session_id, token=opened.token, expires_at=opened.expires_at
+        )
+
+    async def SignOut(
+        self, request: app_pb2.SignOutRequest, context: grpc.aio.ServicerContext
+    ) -> app_pb2.SignOutResponse:
+        caller = current_caller().identity
+        ended = await self._rt.run(
+            self._rt.accounts.revoke_app, caller, caller.name, caller.app_id, "signed out"
+        )
+        return app_pb2.SignOutResponse(sessions_ended=len(ended))
