@@ -160,14 +160,35 @@ class TimedExecutor(ThreadPoolExecutor):
         return super().submit(timed)
 
 
-def serve(home: str, conn: Connection) -> None:
-    """Server process: run a broker on port 0 and answer 'stats' / 'stop' over the pipe."""
-    asyncio.run(_serve(Path(home), conn))
+class InlineExecutor(TimedExecutor):
+    """What-if: run each core call at once on the event loop thread (no thread hop, no GIL
+    hand-off; the loop blocks for the call, fsync included)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        started = time.perf_counter()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as error:  # handed to the awaiting handler, as the executor would
+            future.set_exception(error)
+        self.calls += 1
+        self.busy += time.perf_counter() - started
+        return future
 
 
-async def _serve(home: Path, conn: Connection) -> None:
+def serve(home: str, conn: Connection, what_if: dict[str, Any]) -> None:
+    """Server process: run a broker on port 0 and answer 'stats' / 'stop' over the pipe.
+    what_if holds the experiment knobs (none by default: the broker exactly as configured)."""
+    if what_if.get("switch_interval"):
+        sys.setswitchinterval(what_if["switch_interval"])
+    asyncio.run(_serve(Path(home), conn, what_if))
+
+
+async def _serve(home: Path, conn: Connection, what_if: dict[str, Any]) -> None:
     server = BrokerServer(bench_config(home))
-    core = TimedExecutor()
+    if what_if.get("sync"):
+        server.store._conn.execute(f"PRAGMA synchronous = {what_if['sync']}")
+    core = InlineExecutor() if what_if.get("inline_core") else TimedExecutor()
     server.runtime.executor.shutdown()
     server.runtime.executor = core  # same shape as the broker's, plus counters
     ports = await server.start()
@@ -421,10 +442,10 @@ class RunResult:
 class Harness:
     """The server process, the client processes, and the pipes to them."""
 
-    def __init__(self, home: Path, clients: int) -> None:
+    def __init__(self, home: Path, clients: int, what_if: dict[str, Any]) -> None:
         ctx = mp.get_context("spawn")
         self._server_conn, child = ctx.Pipe()
-        self.server = ctx.Process(target=serve, args=(str(home), child), name="broker", daemon=True)
+        self.server = ctx.Process(target=serve, args=(str(home), child, what_if), name="broker", daemon=True)
         self.server.start()
         deadline = time.monotonic() + 60
         while not self._server_conn.poll(0.2):
@@ -663,6 +684,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="after the timed runs, one extra run per mode under py-spy; raw stacks to DIR")
     p.add_argument("--py-spy", help="py-spy executable (default: from PATH)")
     p.add_argument("--keep", action="store_true", help="keep the temporary broker home")
+    w = p.add_argument_group("what-if experiments (change the broker process only, for evidence)")
+    w.add_argument("--server-sync", choices=["FULL", "NORMAL", "OFF"],
+                   help="PRAGMA synchronous on the broker's store connection (broker: FULL)")
+    w.add_argument("--switch-interval", type=float, metavar="S",
+                   help="sys.setswitchinterval in the broker process (Python default 0.005)")
+    w.add_argument("--inline-core", action="store_true",
+                   help="run core calls on the event loop instead of the broker-core thread")
     args = p.parse_args(argv)
     args.runs = args.runs or (3 if args.quick else 5)
     args.n = args.n or (400 if args.quick else 2000)
@@ -706,7 +734,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nprepared {total_items} tokens (in the store) and CSRs in "
               f"{time.monotonic() - prep0:.1f} s, before any timing")
 
-        harness = Harness(home, args.clients)
+        what_if = {"sync": args.server_sync, "switch_interval": args.switch_interval,
+                   "inline_core": args.inline_core}
+        if any(what_if.values()):
+            print(f"WHAT-IF broker tweaks (not the broker as shipped): "
+                  f"{ {k: v for k, v in what_if.items() if v} }")
+        harness = Harness(home, args.clients, what_if)
         results: dict[str, list[RunResult]] = {}
         try:
             print(f"broker pid {harness.server_pid} ports {harness.ports}; "

@@ -28,6 +28,7 @@ from broker.errors import (
 from broker.identity import Identity, Kind, device, validate_device_id
 from broker.onetime import (
     ENROLLMENT_TOKEN_PREFIX,
+    claim_code_hash,
     new_claim_code,
     new_enrollment_token,
     secret_hash,
@@ -222,11 +223,11 @@ class DeviceAuthority:
         if existing is None:
             tx.insert_device(
                 DeviceRecord(
-                    identity.name, DeviceState.ACTIVE, self._now(), via, secret_hash(claim_code)
+                    identity.name, DeviceState.ACTIVE, self._now(), via, claim_code_hash(claim_code)
                 )
             )
         elif existing.claim_code_hash is not None:
-            tx.set_claim_code_hash(identity.name, secret_hash(claim_code))  # old code dies here
+            tx.set_claim_code_hash(identity.name, claim_code_hash(claim_code))  # old code dies here
         else:
             claim_code = ""  # already owned: no claim code to hand out
         self._record(tx, identity, issued, key)

@@ -34,3 +34,8 @@ def normalize_claim_code(code: str) -> str:
 def secret_hash(secret: str) -> str:
     """SHA-256 hex of a high-entropy secret; the only form in which secrets are stored."""
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def claim_code_hash(code: str) -> str:
+    """Claim codes are stored hashed in normalised form, so typing variants still match."""
+    return secret_hash(normalize_claim_code(code))

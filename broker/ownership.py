@@ -12,7 +12,7 @@ from broker.clock import Clock, unix
 from broker.config import Config
 from broker.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from broker.identity import Identity, Kind, validate_device_id
-from broker.onetime import new_claim_code, normalize_claim_code, secret_hash
+from broker.onetime import claim_code_hash, new_claim_code
 from broker.ratelimit import FailureLimiter
 from broker.store import DeviceRecord, DeviceState, GrantRecord, Role, Store, Transaction
 
@@ -25,11 +25,6 @@ class DeviceAccess:
 
     grant: GrantRecord
     device: DeviceRecord
-
-
-def claim_code_hash(code: str) -> str:
-    """Claim codes are stored hashed in normalised form (I11)."""
-    return secret_hash(normalize_claim_code(code))
 
 
 class Ownership:

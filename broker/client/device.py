@@ -20,9 +20,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from broker._proto.broker.v1 import bootstrap_pb2, bootstrap_pb2_grpc, device_pb2, device_pb2_grpc
+from broker._proto.broker.v1 import (
+    bootstrap_pb2,
+    bootstrap_pb2_grpc,
+    common_pb2,
+    device_pb2,
+    device_pb2_grpc,
+)
 from broker.client.channels import mtls_channel, tls_channel
+from broker.clock import Clock, SystemClock
 from broker.pemfile import write_atomic
+from broker.tokens import SessionClaims, TokenVerifier
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +99,33 @@ class DeviceClient:
         return self.dir / "state.json"
 
     @property
+    def trust_path(self) -> Path:
+        """The full trust bundle (JWKS included) as last received from the broker."""
+        return self.dir / "trust-bundle.json"
+
+    def save_trust_bundle(self, bundle: common_pb2.TrustBundle) -> None:
+        """Keep the bundle the broker sent (enrollment, renewal or an Attach update)."""
+        data = {
+            "ca_certificates_pem": bundle.ca_certificates_pem,
+            "issuing_certificates_pem": bundle.issuing_certificates_pem,
+            "jwks_json": bundle.jwks_json,
+            "version": bundle.version,
+        }
+        write_atomic(self.trust_path, json.dumps(data).encode())
+
+    def token_verifier(self, clock: Clock | None = None) -> DeviceTokenVerifier:
+        """The camera's own check of session tokens, against its own trust bundle and identity."""
+        bundle = json.loads(self.trust_path.read_text())
+        state = self.state
+        trust_domain = state.spiffe_id.removeprefix("spiffe://").split("/", 1)[0]
+        return DeviceTokenVerifier(
+            TokenVerifier(
+                bundle["jwks_json"], f"spiffe://{trust_domain}/broker", clock or SystemClock()
+            ),
+            state.spiffe_id,
+        )
+
+    @property
     def state(self) -> DeviceState:
         return DeviceState(**json.loads(self.state_path.read_text()))
 
@@ -99,14 +134,19 @@ class DeviceClient:
         return self.state_path.exists() and self.chain_path.exists()
 
     def _save(
-        self, key: ec.EllipticCurvePrivateKey, chain_pem: str, state: DeviceState, bundle_pem: str
+        self,
+        key: ec.EllipticCurvePrivateKey,
+        chain_pem: str,
+        state: DeviceState,
+        bundle: common_pb2.TrustBundle,
     ) -> None:
-        # Key first (0600), then chain, then state: a crash leaves either the old or new identity
-        # usable, because state.json is written last.
+        # Key first (0600), then chain and bundle, then state: state.json is written last, so a
+        # crash leaves a consistent identity on disk.
         write_atomic(self.key_path, _key_pem(key), mode=0o600)
         write_atomic(self.chain_path, chain_pem.encode("ascii"))
-        if bundle_pem:
-            write_atomic(self.bundle_path, bundle_pem.encode("ascii"))
+        if bundle.ca_certificates_pem:
+            write_atomic(self.bundle_path, bundle.ca_certificates_pem.encode("ascii"))
+            self.save_trust_bundle(bundle)
         write_atomic(self.state_path, json.dumps(asdict(state)).encode("utf-8"))
 
     # -- enrollment ----------------------------------------------------------------------------
@@ -149,9 +189,7 @@ class DeviceClient:
             trust_bundle_version=response.trust_bundle.version,
             claim_code=response.claim_code,
         )
-        self._save(
-            key, response.certificate_chain_pem, state, response.trust_bundle.ca_certificates_pem
-        )
+        self._save(key, response.certificate_chain_pem, state, response.trust_bundle)
         return state
 
     # -- main listener -------------------------------------------------------------------------
@@ -182,9 +220,7 @@ class DeviceClient:
             trust_bundle_version=response.trust_bundle.version,
             claim_code=old.claim_code,
         )
-        self._save(
-            key, response.certificate_chain_pem, state, response.trust_bundle.ca_certificates_pem
-        )
+        self._save(key, response.certificate_chain_pem, state, response.trust_bundle)
         return state
 
     async def renew_if_due(self, now: float | None = None) -> bool:
@@ -250,3 +286,21 @@ class AttachSession:
 def ensure_private(path: Path) -> None:
     """Make a key file 0600 (used when importing keys made elsewhere)."""
     os.chmod(path, 0o600)
+
+
+class DeviceTokenVerifier:
+    """Device side of "two-way": a camera accepts only tokens for itself, signed by a key in its own
+    trust bundle with that key's pinned algorithm, unexpired, with the stream scope (I5)."""
+
+    def __init__(self, verifier: TokenVerifier, own_spiffe_id: str) -> None:
+        self._verifier = verifier
+        self._own = own_spiffe_id
+
+    def verify(self, token: str) -> SessionClaims:
+        """The claims of a token addressed to this camera; PermissionDenied otherwise."""
+        claims = self._verifier.verify(token, self._own)
+        if claims.audience != self._own:  # PyJWT checked aud too; keep the rule explicit here
+            from broker.errors import PermissionDenied
+
+            raise PermissionDenied("session token is for another device")
+        return claims

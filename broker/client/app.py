@@ -1,0 +1,206 @@
+"""App SDK: what the phone app does — account, app-instance certificate, claim, share, sessions.
+
+The app's key is generated here and never leaves; the identity lives in a directory
+(``app.key`` 0600, ``app.pem``, ``ca-bundle.pem``, ``state.json``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, x25519
+
+from broker._proto.broker.v1 import app_pb2, app_pb2_grpc, bootstrap_pb2, bootstrap_pb2_grpc
+from broker.client.channels import mtls_channel, tls_channel
+from broker.client.device import Endpoints, make_csr
+from broker.pemfile import write_atomic
+
+
+@dataclass(frozen=True, slots=True)
+class AppState:
+    user_id: str
+    app_id: str
+    spiffe_id: str
+    not_after: int
+    renew_after: int
+
+
+@dataclass(frozen=True)
+class SessionTicket:
+    """What OpenSession returned, plus the app's ephemeral key for the end-to-end handshake."""
+
+    device_id: str
+    session_id: str
+    token: str
+    expires_at: int
+    ephemeral_key: x25519.X25519PrivateKey
+
+    @property
+    def ephemeral_public(self) -> bytes:
+        return self.ephemeral_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+class AppClient:
+    """A phone app instance's view of the broker."""
+
+    def __init__(self, state_dir: Path, endpoints: Endpoints, ca_bundle_pem: bytes) -> None:
+        self.dir = state_dir
+        self.endpoints = endpoints
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self.bundle_path.exists():
+            write_atomic(self.bundle_path, ca_bundle_pem)
+
+    @property
+    def key_path(self) -> Path:
+        return self.dir / "app.key"
+
+    @property
+    def chain_path(self) -> Path:
+        return self.dir / "app.pem"
+
+    @property
+    def bundle_path(self) -> Path:
+        return self.dir / "ca-bundle.pem"
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / "state.json"
+
+    @property
+    def state(self) -> AppState:
+        return AppState(**json.loads(self.state_path.read_text()))
+
+    def _bootstrap(self) -> grpc.aio.Channel:
+        return tls_channel(
+            self.endpoints.bootstrap, self.bundle_path.read_bytes(), self.endpoints.server_name
+        )
+
+    def channel(self) -> grpc.aio.Channel:
+        """Mutual TLS to the main listener with this app instance's certificate."""
+        return mtls_channel(
+            self.endpoints.main,
+            self.bundle_path.read_bytes(),
+            self.key_path.read_bytes(),
+            self.chain_path.read_bytes(),
+            self.endpoints.server_name,
+        )
+
+    def _save(
+        self, key: ec.EllipticCurvePrivateKey, chain_pem: str, state: AppState, bundle_pem: str
+    ) -> None:
+        write_atomic(self.key_path, _key_pem(key), mode=0o600)
+        write_atomic(self.chain_path, chain_pem.encode("ascii"))
+        if bundle_pem:
+            write_atomic(self.bundle_path, bundle_pem.encode("ascii"))
+        write_atomic(self.state_path, json.dumps(asdict(state)).encode())
+
+    # -- account -------------------------------------------------------------------------------
+    async def create_account(self, username: str, password: str) -> str:
+        """Sign up; returns the new user_id."""
+        async with self._bootstrap() as ch:
+            response = await bootstrap_pb2_grpc.BootstrapStub(ch).CreateAccount(
+                bootstrap_pb2.CreateAccountRequest(username=username, password=password), timeout=30
+            )
+        return str(response.user_id)
+
+    async def enroll(self, username: str, password: str, label: str = "") -> AppState:
+        """Log in and get an app-instance certificate for a key made here."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        request = bootstrap_pb2.EnrollAppRequest(
+            username=username, password=password, csr_pem=make_csr(key), label=label
+        )
+        async with self._bootstrap() as ch:
+            response = await bootstrap_pb2_grpc.BootstrapStub(ch).EnrollApp(request, timeout=30)
+        state = AppState(
+            response.user_id,
+            response.app_id,
+            response.spiffe_id,
+            response.not_after,
+            response.renew_after,
+        )
+        self._save(
+            key, response.certificate_chain_pem, state, response.trust_bundle.ca_certificates_pem
+        )
+        return state
+
+    async def renew(self) -> AppState:
+        """New key, new certificate, same app instance."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        async with self.channel() as ch:
+            response = await app_pb2_grpc.AppServiceStub(ch).RenewCertificate(
+                app_pb2.RenewAppCertificateRequest(csr_pem=make_csr(key)), timeout=30
+            )
+        old = self.state
+        state = AppState(
+            old.user_id, old.app_id, old.spiffe_id, response.not_after, response.renew_after
+        )
+        self._save(
+            key, response.certificate_chain_pem, state, response.trust_bundle.ca_certificates_pem
+        )
+        return state
+
+    # -- devices -------------------------------------------------------------------------------
+    async def claim(self, device_id: str, claim_code: str) -> None:
+        async with self.channel() as ch:
+            await app_pb2_grpc.AppServiceStub(ch).ClaimDevice(
+                app_pb2.ClaimDeviceRequest(device_id=device_id, claim_code=claim_code), timeout=30
+            )
+
+    async def list_devices(self) -> list[app_pb2.MyDevice]:
+        async with self.channel() as ch:
+            response = await app_pb2_grpc.AppServiceStub(ch).ListDevices(
+                app_pb2.ListMyDevicesRequest(), timeout=30
+            )
+        return list(response.devices)
+
+    async def share(self, device_id: str, username: str, expires_at: int = 0) -> str:
+        async with self.channel() as ch:
+            response = await app_pb2_grpc.AppServiceStub(ch).ShareDevice(
+                app_pb2.ShareDeviceRequest(
+                    device_id=device_id, username=username, expires_at=expires_at
+                ),
+                timeout=30,
+            )
+        return str(response.user_id)
+
+    async def revoke_share(self, device_id: str, username: str) -> int:
+        async with self.channel() as ch:
+            response = await app_pb2_grpc.AppServiceStub(ch).RevokeShare(
+                app_pb2.RevokeShareRequest(device_id=device_id, username=username), timeout=30
+            )
+        return int(response.sessions_ended)
+
+    async def open_session(self, device_id: str) -> SessionTicket:
+        """A session token for device_id, with a fresh X25519 key for the end-to-end handshake."""
+        ephemeral = x25519.X25519PrivateKey.generate()
+        public = ephemeral.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        async with self.channel() as ch:
+            response = await app_pb2_grpc.AppServiceStub(ch).OpenSession(
+                app_pb2.OpenSessionRequest(device_id=device_id, app_ephemeral_public_key=public),
+                timeout=30,
+            )
+        return SessionTicket(
+            device_id, response.session_id, response.token, response.expires_at, ephemeral
+        )
+
+    async def sign_out(self) -> int:
+        """Revoke this app instance; returns how many sessions ended."""
+        async with self.channel() as ch:
+            response = await app_pb2_grpc.AppServiceStub(ch).SignOut(
+                app_pb2.SignOutRequest(), timeout=30
+            )
+        return int(response.sessions_ended)
