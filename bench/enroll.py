@@ -7,6 +7,9 @@ the clock starts, so only EnrollDevice calls are timed. Two modes:
 - reused:   a few long-lived TLS channels, many calls in flight;
 - new-conn: a new channel (a full TLS handshake) for every enrollment, as a fleet of cameras does.
 
+A reference run of Bootstrap.GetTrustBundle over the reused channels (no core work, no store) shows
+what the gRPC aio + TLS path alone costs per call.
+
 Each mode runs several times; the median enrollments/s is the headline figure. Around the remote runs
 the script also times the in-process core path (CSR check, IssuingAuthority.issue, the store
 transaction, fsync) and reads the server's per-thread CPU and the core thread's busy time, so the
@@ -24,8 +27,10 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import multiprocessing as mp
 import os
+import queue
 import shutil
 import signal
 import sqlite3
@@ -54,7 +59,7 @@ from broker.csr import public_key_from_csr
 from broker.devices import DeviceAuthority
 from broker.identity import device, operator
 from broker.service.server import BrokerServer
-from broker.store.sqlite import SqliteStore
+from broker.store.sqlite import SqliteStore, SqliteTransaction
 
 Item = tuple[str, str, str]  # (device_id, enrollment token, CSR PEM)
 CORE_THREAD = "broker-core"
@@ -176,23 +181,103 @@ class InlineExecutor(TimedExecutor):
         return future
 
 
-def serve(home: str, conn: Connection, what_if: dict[str, Any]) -> None:
-    """Server process: run a broker on port 0 and answer 'stats' / 'stop' over the pipe.
-    what_if holds the experiment knobs (none by default: the broker exactly as configured)."""
+class GroupCommitExecutor(TimedExecutor):
+    """What-if group commit: the core thread takes every call queued behind the first (up to
+    max_batch), runs each in its own savepoint inside one BEGIN IMMEDIATE ... COMMIT, and answers
+    the callers only after that COMMIT (FULL durability, one fsync per batch)."""
+
+    def __init__(self, store: SqliteStore, max_batch: int) -> None:
+        super().__init__()
+        self._conn = store._conn
+        self._max = max_batch
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.batches = 0
+        self._thread = threading.Thread(target=self._loop, name=f"{CORE_THREAD}_0", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._jobs.put((future, functools.partial(fn, *args, **kwargs), time.perf_counter()))
+        return future
+
+    def _loop(self) -> None:
+        stop = False
+        while not stop:
+            batch = [self._jobs.get()]
+            while len(batch) < self._max:
+                try:
+                    batch.append(self._jobs.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in batch
+            batch = [job for job in batch if job is not None]
+            if not batch:
+                continue
+            started = time.perf_counter()
+            outcomes: list[tuple[Future[Any], bool, Any]] = []
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for future, call, queued in batch:
+                    self.waited += started - queued
+                    try:
+                        outcomes.append((future, True, call()))
+                    except Exception as error:
+                        outcomes.append((future, False, error))
+                self._conn.execute("COMMIT")
+            except Exception as error:  # the batch did not commit: nobody succeeded
+                self._conn.execute("ROLLBACK")
+                outcomes = [(future, False, error) for future, _, _ in batch]
+            self.busy += time.perf_counter() - started
+            self.calls += len(batch)
+            self.batches += 1
+            for future, ok, value in outcomes:
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._jobs.put(None)
+        if wait:
+            self._thread.join()
+        super().shutdown(wait, cancel_futures=cancel_futures)
+
+
+class ReusePortServer(BrokerServer):
+    """What-if: the broker with SO_REUSEPORT on, so several processes can share its listeners."""
+
+    def _options(self) -> list[tuple[str, Any]]:
+        return [(k, 1 if k == "grpc.so_reuseport" else v) for k, v in super()._options()]
+
+
+def serve(home: str, conn: Connection, what_if: dict[str, Any], ports: dict[str, int]) -> None:
+    """Server process: run a broker and answer 'stats' / 'stop' over the pipe. It binds port 0,
+    or the given ports when joining a first worker. what_if holds the experiment knobs (none by
+    default: the broker exactly as configured)."""
     if what_if.get("switch_interval"):
         sys.setswitchinterval(what_if["switch_interval"])
-    asyncio.run(_serve(Path(home), conn, what_if))
+    asyncio.run(_serve(Path(home), conn, what_if, ports))
 
 
-async def _serve(home: Path, conn: Connection, what_if: dict[str, Any]) -> None:
-    server = BrokerServer(bench_config(home))
+async def _serve(home: Path, conn: Connection, what_if: dict[str, Any], ports: dict[str, int]) -> None:
+    config = bench_config(home)
+    if ports:
+        config = config.with_overrides(**{f"{name}_address": f"127.0.0.1:{port}"
+                                          for name, port in ports.items()})
+    server = (ReusePortServer if what_if.get("workers") else BrokerServer)(config)
     if what_if.get("sync"):
         server.store._conn.execute(f"PRAGMA synchronous = {what_if['sync']}")
-    core = InlineExecutor() if what_if.get("inline_core") else TimedExecutor()
+    core: TimedExecutor
+    if what_if.get("group_commit"):
+        core = GroupCommitExecutor(server.store, what_if["group_commit"])
+        server.devices._store = GroupCommitStore(server.store)  # type: ignore[assignment]
+    elif what_if.get("inline_core"):
+        core = InlineExecutor()
+    else:
+        core = TimedExecutor()
     server.runtime.executor.shutdown()
     server.runtime.executor = core  # same shape as the broker's, plus counters
-    ports = await server.start()
-    conn.send(("ready", os.getpid(), ports))
+    conn.send(("ready", os.getpid(), await server.start()))
     loop = asyncio.get_running_loop()
     while True:
         command = await loop.run_in_executor(None, conn.recv)
@@ -239,7 +324,7 @@ async def _client(conn: Connection, target: str, ca_pem: bytes) -> None:
         if job is None:
             return
         mode, items, channels, concurrency = job
-        reused = [_channel(target, credentials) for _ in range(channels)] if mode == "reused" else []
+        reused = [_channel(target, credentials) for _ in range(channels)] if mode != "new-conn" else []
         await asyncio.gather(*(ch.channel_ready() for ch in reused))  # handshakes before the clock
         conn.send("ready")
         go = await loop.run_in_executor(None, conn.recv)
@@ -272,11 +357,18 @@ async def _run(
         ):
             raise ValueError("response names another device or carries no certificate")
 
+    async def trust_bundle(stub: bootstrap_pb2_grpc.BootstrapStub) -> None:
+        response = await stub.GetTrustBundle(bootstrap_pb2.GetTrustBundleRequest(), timeout=60)
+        if not response.trust_bundle.ByteSize():
+            raise ValueError("empty trust bundle")
+
     async def worker(index: int) -> None:
         for item in queue:
             started = time.monotonic()
             try:
-                if mode == "reused":
+                if mode == "baseline":
+                    await trust_bundle(stubs[index % len(stubs)])
+                elif mode == "reused":
                     await enroll(stubs[index % len(stubs)], item)
                 else:
                     async with _channel(target, credentials) as channel:
@@ -336,69 +428,117 @@ class PreIssued:
         return next(self._issued)
 
 
-def timed_each(fn: Callable[[int], object], count: int) -> list[float]:
+class GroupCommitStore:
+    """What-if group commit: each transaction() is a savepoint inside a transaction the caller
+    opened around a whole batch, so a batch pays for one COMMIT (one fsync)."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self.conn = store._conn
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[SqliteTransaction]:
+        self.conn.execute("SAVEPOINT one")
+        try:
+            yield SqliteTransaction(self.conn)
+        except BaseException:
+            self.conn.execute("ROLLBACK TO one")
+            self.conn.execute("RELEASE one")
+            raise
+        self.conn.execute("RELEASE one")
+
+    read = transaction
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    name: str
+    median: float
+    mean: float
+    cpu: float  # mean CPU seconds per call (process time: this thread only does the work)
+    note: str
+
+    def minus(self, other: Cost, name: str, note: str) -> Cost:
+        return Cost(name, self.median - other.median, self.mean - other.mean, self.cpu - other.cpu, note)
+
+
+def measure(name: str, note: str, fn: Callable[[int], object], count: int) -> Cost:
     samples = []
+    cpu = time.process_time()
     for i in range(count):
         started = time.perf_counter()
         fn(i)
         samples.append(time.perf_counter() - started)
-    return samples
+    cpu = (time.process_time() - cpu) / count
+    return Cost(name, statistics.median(samples), statistics.fmean(samples), cpu, note)
 
 
-def core_costs(home: Path, count: int) -> list[tuple[str, float, str]]:
-    """Median per-call cost of each piece of the enrollment core path, in this process."""
+ISSUE = "IssuingAuthority.issue (sign leaf)"
+STORE_FULL = "store transaction, synchronous=FULL"
+STORE_NORMAL = "store tx, synchronous=NORMAL (what-if)"
+STORE_GROUP = "store tx, FULL, 32 per COMMIT (what-if)"
+CORE = "DeviceAuthority.enroll_with_token"
+BATCH = 32
+
+
+def core_costs(home: Path, count: int) -> list[Cost]:
+    """Per-call cost of each piece of the enrollment core path, in this process, no gRPC."""
     clock = SystemClock()
-    rows: list[tuple[str, float, str]] = []
-    config = bench_config(home, db_path=home / "var" / "micro.db")
+    config = bench_config(home)
     ca = load_authority(config, clock)
     keys = [new_key() for _ in range(count)]
     csrs = [make_csr(k) for k in keys]
-    lifetime = dt.timedelta(days=config.device_cert_days)
-
-    rows.append(("CSR parse + signature check", statistics.median(
-        timed_each(lambda i: public_key_from_csr(csrs[i]), count)), "broker.csr.public_key_from_csr"))
-    identities = [device(config.trust_domain, f"micro-{i:06d}") for i in range(count)]
     public = [k.public_key() for k in keys]
-    issued: list[IssuedCertificate] = []
-    rows.append(("IssuingAuthority.issue (sign leaf)", statistics.median(
-        timed_each(lambda i: issued.append(ca.issue(public[i], identities[i], lifetime)), count)),
-        "P-256 ECDSA, fixed profile, chain PEM"))
-
-    def store_only(synchronous: str, prefix: str) -> float:
-        path = home / "var" / f"micro-{prefix}.db"
-        store = SqliteStore(path)
-        store._conn.execute(f"PRAGMA synchronous = {synchronous}")
-        cfg = bench_config(home, db_path=path)
-        fresh = [ca.issue(public[i], device(cfg.trust_domain, f"{prefix}-{i:06d}"), lifetime)
-                 for i in range(count)]
-        prep = DeviceAuthority(cfg, ca, store, clock)
-        actor = operator(cfg.trust_domain, "bench")
-        store._conn.execute("PRAGMA synchronous = OFF")
-        tokens = [prep.create_enrollment_token(actor, f"{prefix}-{i:06d}").token for i in range(count)]
-        store._conn.execute(f"PRAGMA synchronous = {synchronous}")
-        authority = DeviceAuthority(cfg, PreIssued(fresh), store, clock)  # type: ignore[arg-type]
-        samples = timed_each(lambda i: authority.enroll_with_token(csrs[i], tokens[i]), count)
-        store.close()
-        return statistics.median(samples)
-
-    csr_cost = rows[0][1]
-    full = store_only("FULL", "sfull")
-    rows.append(("store transaction, synchronous=FULL", full - csr_cost,
-                 "enroll_with_token with pre-signed certs, minus CSR check"))
-    normal = store_only("NORMAL", "snorm")
-    rows.append(("store transaction, synchronous=NORMAL", normal - csr_cost,
-                 "what-if (WAL + NORMAL): no fsync per commit"))
-
-    store = SqliteStore(config.database)
-    authority = DeviceAuthority(config, ca, store, clock)
+    lifetime = dt.timedelta(days=config.device_cert_days)
     actor = operator(config.trust_domain, "bench")
-    store._conn.execute("PRAGMA synchronous = OFF")
-    tokens = [authority.create_enrollment_token(actor, f"core-{i:06d}").token for i in range(count)]
-    store._conn.execute("PRAGMA synchronous = FULL")
-    fresh_csrs = [make_csr(new_key()) for _ in range(count)]
-    rows.append(("DeviceAuthority.enroll_with_token", statistics.median(
-        timed_each(lambda i: authority.enroll_with_token(fresh_csrs[i], tokens[i]), count)),
-        "the whole core call the core thread runs per RPC"))
+
+    def setup(prefix: str, synchronous: str, pre_issued: bool) -> tuple[DeviceAuthority, SqliteStore,
+                                                                        list[str]]:
+        cfg = bench_config(home, db_path=home / "var" / f"micro-{prefix}.db")
+        store = SqliteStore(cfg.database)
+        store._conn.execute("PRAGMA synchronous = OFF")  # token preparation only
+        tokens = [DeviceAuthority(cfg, ca, store, clock).create_enrollment_token(
+            actor, f"{prefix}-{i:06d}").token for i in range(count)]
+        store._conn.execute(f"PRAGMA synchronous = {synchronous}")
+        issuer: Any = ca
+        if pre_issued:
+            issuer = PreIssued([ca.issue(public[i], device(cfg.trust_domain, f"{prefix}-{i:06d}"), lifetime)
+                                for i in range(count)])
+        return DeviceAuthority(cfg, issuer, store, clock), store, tokens
+
+    csr = measure("CSR parse + signature check", "broker.csr.public_key_from_csr",
+                  lambda i: public_key_from_csr(csrs[i]), count)
+    identities = [device(config.trust_domain, f"micro-{i:06d}") for i in range(count)]
+    issue = measure(ISSUE, "P-256 ECDSA, fixed profile, chain PEM",
+                    lambda i: ca.issue(public[i], identities[i], lifetime), count)
+    rows = [csr, issue]
+
+    for sync, name, note in (("FULL", STORE_FULL, "enroll_with_token, pre-signed certs, less CSR"),
+                             ("NORMAL", STORE_NORMAL, "WAL + NORMAL: no fsync per commit")):
+        authority, store, tokens = setup(f"s{sync.lower()}", sync, pre_issued=True)
+        cost = measure("", "", lambda i, a=authority, t=tokens: a.enroll_with_token(csrs[i], t[i]), count)
+        store.close()
+        rows.append(cost.minus(csr, name, note))
+
+    authority, store, tokens = setup("group", "FULL", pre_issued=True)
+    group = GroupCommitStore(store)
+    authority = DeviceAuthority(authority._config, authority._ca, group, clock)  # type: ignore[arg-type]
+
+    def batch(b: int) -> None:
+        group.conn.execute("BEGIN IMMEDIATE")
+        for i in range(b * BATCH, min(count, (b + 1) * BATCH)):
+            authority.enroll_with_token(csrs[i], tokens[i])
+        group.conn.execute("COMMIT")
+
+    batches = (count + BATCH - 1) // BATCH
+    cost = measure("", "", batch, batches)
+    per = Cost("", cost.median / BATCH, cost.mean * batches / count, cost.cpu * batches / count, "")
+    store.close()
+    rows.append(per.minus(csr, STORE_GROUP, "savepoint per enrollment, one fsync per batch"))
+
+    authority, store, tokens = setup("core", "FULL", pre_issued=False)
+    fresh = [make_csr(new_key()) for _ in range(count)]
+    rows.append(measure(CORE, "the whole core call, as the core thread runs it",
+                        lambda i: authority.enroll_with_token(fresh[i], tokens[i]), count))
     store.close()
 
     fd = os.open(home / "var" / "fsync.probe", os.O_WRONLY | os.O_CREAT, 0o600)
@@ -407,8 +547,8 @@ def core_costs(home: Path, count: int) -> list[tuple[str, float, str]]:
             os.pwrite(fd, b"x" * 4096, 0)
             os.fsync(fd)
 
-        rows.append(("fsync of a 4 KiB write", statistics.median(timed_each(write_sync, min(count, 200))),
-                     "same filesystem as the database"))
+        rows.append(measure("fsync of a 4 KiB write", "same filesystem as the database",
+                            write_sync, min(count, 200)))
     finally:
         os.close(fd)
     return rows
@@ -433,10 +573,16 @@ class RunResult:
     client_cpu: float
     machine_busy: float  # cores busy, 0..ncpu
     steal: float
+    processes: int = 1  # broker processes
 
     @property
     def rate(self) -> float:
         return self.ok / self.wall if self.wall else 0.0
+
+    @property
+    def python_cpu(self) -> float:
+        """CPU of the broker's Python threads: work that needs the one GIL, so cannot overlap."""
+        return sum(v for k, v in self.threads.items() if not k.startswith("grpc/native"))
 
 
 class Harness:
@@ -444,14 +590,22 @@ class Harness:
 
     def __init__(self, home: Path, clients: int, what_if: dict[str, Any]) -> None:
         ctx = mp.get_context("spawn")
-        self._server_conn, child = ctx.Pipe()
-        self.server = ctx.Process(target=serve, args=(str(home), child, what_if), name="broker", daemon=True)
-        self.server.start()
-        deadline = time.monotonic() + 60
-        while not self._server_conn.poll(0.2):
-            if not self.server.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("broker process did not start (see its traceback above)")
-        _, self.server_pid, self.ports = self._server_conn.recv()
+        self._servers: list[tuple[mp.process.BaseProcess, Connection]] = []
+        self.server_pids: list[int] = []
+        self.ports: dict[str, int] = {}
+        for i in range(what_if.get("workers") or 1):
+            parent_end, child_end = ctx.Pipe()
+            args = (str(home), child_end, what_if, self.ports)
+            proc = ctx.Process(target=serve, args=args, name=f"broker{i}", daemon=True)
+            proc.start()
+            deadline = time.monotonic() + 60
+            while not parent_end.poll(0.2):
+                if not proc.is_alive() or time.monotonic() > deadline:
+                    raise RuntimeError("broker process did not start (see its traceback above)")
+            _, pid, self.ports = parent_end.recv()
+            self._servers.append((proc, parent_end))
+            self.server_pids.append(pid)
+        self.server_pid = self.server_pids[0]
         target = f"127.0.0.1:{self.ports['bootstrap']}"
         ca_pem = (home / "certs" / "ca-bundle.pem").read_bytes()
         self._clients: list[tuple[mp.process.BaseProcess, Connection]] = []
@@ -462,9 +616,15 @@ class Harness:
             self._clients.append((proc, parent_end))
 
     def _server_stats(self) -> dict[str, Any]:
-        self._server_conn.send("stats")
-        stats: dict[str, Any] = self._server_conn.recv()
-        return stats
+        """The counters of every broker process, summed."""
+        total: dict[str, Any] = {"threads": Counter()}
+        for _, conn in self._servers:
+            conn.send("stats")
+            stats = conn.recv()
+            total["threads"].update(stats.pop("threads"))
+            for key, value in stats.items():
+                total[key] = total.get(key, 0) + value
+        return total
 
     def _recv(self, conn: Connection, timeout: float = 600) -> Any:
         if not conn.poll(timeout):
@@ -508,16 +668,18 @@ class Harness:
             client_cpu=sum(r["cpu"] for r in results),
             machine_busy=ncpu * busy / total if total else 0.0,
             steal=ncpu * steal / total if total else 0.0,
+            processes=len(self._servers),
         )
 
     def stop(self) -> None:
         for proc, conn in self._clients:
             conn.send(None)
             proc.join(10)
-        self._server_conn.send("stop")
-        if self._server_conn.poll(30):
-            self._server_conn.recv()
-        self.server.join(10)
+        for proc, conn in self._servers:
+            conn.send("stop")
+            if conn.poll(30):
+                conn.recv()
+            proc.join(10)
 
 
 def py_spy_binary(explicit: str | None) -> str | None:
@@ -596,12 +758,12 @@ def summarize_profile(raw: Path, top: int = 10) -> None:
 # ---------------------------------------------------------------------------------------------
 # reporting
 # ---------------------------------------------------------------------------------------------
-def print_run(index: int, r: RunResult) -> None:
+def print_run(index: int, r: RunResult, unit: str = "enroll/s") -> None:
     errors = sum(r.errors.values())
     print(
-        f"  run {index}: {r.rate:8,.0f} enroll/s  ok={r.ok}/{r.n} err={errors}"
+        f"  run {index}: {r.rate:8,.0f} {unit}  ok={r.ok}/{r.n} err={errors}"
         f"  p50={ms(pct(r.latencies, 0.5))} p99={ms(pct(r.latencies, 0.99))}"
-        f"  server {us(r.server_cpu / max(r.ok, 1))} CPU/enroll"
+        f"  server {us(r.server_cpu / max(r.ok, 1))} CPU/call"
         f"  core busy {100 * r.core_busy / r.wall:3.0f}%"
         f"  machine {r.machine_busy:.2f}/{os.cpu_count()} cores (steal {r.steal:.2f})"
     )
@@ -620,18 +782,20 @@ def print_breakdown(mode: str, runs: list[RunResult]) -> None:
     core_calls = sum(r.core_calls for r in runs) or 1
     wall = sum(r.wall for r in runs)
     print(f"\n  where the time goes ({mode}, all runs):")
-    print(f"    server process CPU      {us(server / ok):>10} per enrollment")
+    print(f"    server process CPU      {us(server / ok):>10} per call")
     for name, seconds in threads.most_common():
         if seconds / ok >= 1e-6:
             print(f"      {name:<28}{us(seconds / ok):>10}  ({100 * seconds / wall:3.0f}% of one core)")
-    print(f"    client processes CPU    {us(client_cpu / ok):>10} per enrollment")
+    print(f"    client processes CPU    {us(client_cpu / ok):>10} per call")
     print(f"    core thread wall busy   {us(core_busy / core_calls):>10} per call; "
           f"queue wait {us(sum(r.core_waited for r in runs) / core_calls)} per call; "
           f"busy {100 * core_busy / wall:.0f}% of wall")
     ncpu = os.cpu_count() or 1
     cpu_bound = ncpu / ((server + client_cpu) / ok)
-    core_bound = 1 / (core_busy / core_calls)
-    print(f"    ceilings: core thread alone {core_bound:,.0f}/s; "
+    core = f"core thread alone {core_calls / core_busy:,.0f}/s; " if core_busy else ""
+    gil = sum(r.python_cpu for r in runs) / ok
+    procs = runs[0].processes
+    print(f"    ceilings: {core}{procs} GIL(s) ({us(gil)} Python CPU/call) {procs / gil:,.0f}/s; "
           f"{ncpu} cores / (server+client CPU) {cpu_bound:,.0f}/s")
 
 
@@ -672,14 +836,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--quick", action="store_true", help="3 short runs per mode (< 60 s)")
     p.add_argument("--runs", type=int, help="runs per mode (default 5, quick 3)")
-    p.add_argument("--n", type=int, help="enrollments per reused-channel run (default 2000, quick 400)")
-    p.add_argument("--n-new", type=int, help="enrollments per new-connection run (default 500, quick 150)")
+    p.add_argument("--n", type=int, help="enrollments per reused-channel run (default 2000, quick 1000)")
+    p.add_argument("--n-new", type=int, help="enrollments per new-connection run (default 500, quick 300)")
     p.add_argument("--concurrency", type=int, default=64, help="in-flight calls, reused mode (64)")
     p.add_argument("--channels", type=int, default=4, help="TLS channels, reused mode (4)")
     p.add_argument("--new-concurrency", type=int, default=16, help="in-flight calls, new-conn mode (16)")
     p.add_argument("--clients", type=int, default=1, help="client processes (1)")
     p.add_argument("--mode", choices=["both", "reused", "new-conn"], default="both")
-    p.add_argument("--micro", type=int, help="samples per in-process measurement (default 500, quick 150)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the GetTrustBundle reference run")
+    p.add_argument("--micro", type=int, help="samples per in-process measurement (default 500, quick 300)")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="after the timed runs, one extra run per mode under py-spy; raw stacks to DIR")
     p.add_argument("--py-spy", help="py-spy executable (default: from PATH)")
@@ -691,10 +856,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="sys.setswitchinterval in the broker process (Python default 0.005)")
     w.add_argument("--inline-core", action="store_true",
                    help="run core calls on the event loop instead of the broker-core thread")
+    w.add_argument("--group-commit", type=int, metavar="MAX",
+                   help="core thread commits up to MAX queued enrollments per transaction")
+    w.add_argument("--workers", type=int, metavar="K",
+                   help="K broker processes sharing the listeners with SO_REUSEPORT and one database")
     args = p.parse_args(argv)
     args.runs = args.runs or (3 if args.quick else 5)
-    args.n = args.n or (400 if args.quick else 2000)
-    args.n_new = args.n_new or (150 if args.quick else 500)
+    args.n = args.n or (1000 if args.quick else 2000)
+    args.n_new = args.n_new or (300 if args.quick else 500)
     args.micro = args.micro or (150 if args.quick else 500)
     return args
 
@@ -714,10 +883,11 @@ def main(argv: list[str] | None = None) -> int:
         config = bench_config(home)
         init_pki(config, SystemClock())
 
-        print(f"\nin-process core path (median of {args.micro} calls each, no gRPC):")
+        print(f"\nin-process core path ({args.micro} calls each, no gRPC, one thread):")
+        print(f"  {'':<40}{'median':>10}{'mean':>10}{'CPU':>10}")
         costs = core_costs(home, args.micro)
-        for name, seconds, note in costs:
-            print(f"  {name:<40}{us(seconds):>10}   {note}")
+        for c in costs:
+            print(f"  {c.name:<40}{us(c.median):>10}{us(c.mean):>10}{us(c.cpu):>10}   {c.note}")
 
         profile_py_spy = py_spy_binary(args.py_spy) if args.profile else None
         if args.profile and not profile_py_spy:
@@ -735,14 +905,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{time.monotonic() - prep0:.1f} s, before any timing")
 
         what_if = {"sync": args.server_sync, "switch_interval": args.switch_interval,
-                   "inline_core": args.inline_core}
+                   "inline_core": args.inline_core, "workers": args.workers,
+                   "group_commit": args.group_commit}
         if any(what_if.values()):
             print(f"WHAT-IF broker tweaks (not the broker as shipped): "
                   f"{ {k: v for k, v in what_if.items() if v} }")
         harness = Harness(home, args.clients, what_if)
         results: dict[str, list[RunResult]] = {}
         try:
-            print(f"broker pid {harness.server_pid} ports {harness.ports}; "
+            print(f"broker pid {' '.join(map(str, harness.server_pids))} ports {harness.ports}; "
                   f"{args.clients} client process(es)")
             warm_result = harness.run("reused", warmup, args.channels, args.concurrency)
             successes = warm_result.ok
@@ -760,6 +931,15 @@ def main(argv: list[str] | None = None) -> int:
                     errors += sum(result.errors.values())
                     print_run(r + 1, result)
                 print_breakdown(mode, results[mode])
+            if not args.no_baseline:
+                n, channels, conc = plan["reused"]
+                print(f"\nbaseline: 1 run x {n} GetTrustBundle calls "
+                      f"({channels} channels, {conc} in flight; no core thread, no store)")
+                result = harness.run("baseline", [("", "", "")] * n, channels, conc)
+                errors += sum(result.errors.values())
+                print_run(1, result, "calls/s ")
+                print_breakdown("baseline", [result])
+                results["baseline"] = [result]
             if profile_py_spy:
                 print("\nprofiles (extra runs, not in the figures above):")
                 for mode in modes:
@@ -778,7 +958,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print("\nSUMMARY")
         print(f"  {'mode':<10}{'runs':>5}{'median/s':>10}{'min/s':>9}{'max/s':>9}"
-              f"{'p50':>9}{'p99':>9}{'srv CPU/enr':>13}{'errors':>8}")
+              f"{'p50':>9}{'p99':>9}{'srv CPU/call':>13}{'GIL cap/s':>10}{'errors':>8}")
         for mode, runs in results.items():
             rates = [r.rate for r in runs]
             lat = [x for r in runs for x in r.latencies]
@@ -786,12 +966,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {mode:<10}{len(runs):>5}{statistics.median(rates):>10,.0f}{min(rates):>9,.0f}"
                   f"{max(rates):>9,.0f}{ms(pct(lat, 0.5)):>9}{ms(pct(lat, 0.99)):>9}"
                   f"{us(sum(r.server_cpu for r in runs) / ok):>13}"
+                  f"{runs[0].processes * ok / sum(r.python_cpu for r in runs):>10,.0f}"
                   f"{sum(sum(r.errors.values()) for r in runs):>8}")
-        by_name = {name: seconds for name, seconds, _ in costs}
-        print(f"  in-process: issue {us(by_name['IssuingAuthority.issue (sign leaf)'])}, "
-              f"store tx {us(by_name['store transaction, synchronous=FULL'])} (FULL) / "
-              f"{us(by_name['store transaction, synchronous=NORMAL'])} (NORMAL), "
-              f"whole core call {us(by_name['DeviceAuthority.enroll_with_token'])}")
+        print("  (baseline = GetTrustBundle, not an enrollment; GIL cap = calls per second of the broker's"
+              "\n   Python-thread CPU, the ceiling while one process serves everything)")
+        by_name = {c.name: c for c in costs}
+        print(f"  in-process medians: issue {us(by_name[ISSUE].median)}, "
+              f"store tx {us(by_name[STORE_FULL].median)} (FULL) / "
+              f"{us(by_name[STORE_NORMAL].median)} (NORMAL) / "
+              f"{us(by_name[STORE_GROUP].median)} (group commit), "
+              f"whole core call {us(by_name[CORE].median)}")
         print(f"  correctness: {'OK' if not problems else 'FAILED: ' + '; '.join(problems)}")
         print(f"  total time {time.monotonic() - t0:.0f} s")
         return 0 if not problems else 1

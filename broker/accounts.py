@@ -27,6 +27,7 @@ from broker.errors import (
 from broker.identity import Identity, Kind
 from broker.passwords import PasswordHasher, check_password_policy
 from broker.ratelimit import FailureLimiter
+from broker.session_log import end_sessions_audited
 from broker.store import (
     AppRecord,
     CertificateRecord,
@@ -92,6 +93,9 @@ class Accounts:
 
     def _now(self) -> int:
         return unix(self._clock.now())
+
+    def _now_ms(self) -> int:
+        return int(self._clock.now().timestamp() * 1000)
 
     def _audit(self, tx: Transaction, event: AuditEvent) -> None:
         tx.append_audit(event, int(self._clock.now().timestamp() * 1000))
@@ -217,7 +221,7 @@ class Accounts:
             tx.revoke_app(app_id, now)
             serials = tx.revoke_certificates(spiffe, now, reason)
             open_ids = [s.session_id for s in tx.open_sessions(app_id=app_id)]
-            ended = tx.end_sessions(open_ids, now, reason)
+            ended = end_sessions_audited(tx, open_ids, now, self._now_ms(), reason, actor.spiffe_id)
             self._audit(
                 tx,
                 AuditEvent(

@@ -33,6 +33,7 @@ from broker.onetime import (
     new_enrollment_token,
     secret_hash,
 )
+from broker.session_log import end_sessions_audited
 from broker.store import (
     CertificateRecord,
     CertStatus,
@@ -298,13 +299,22 @@ class DeviceAuthority:
             else:
                 tx.revoke_device(device_id, now)
             serials = tx.revoke_certificates(identity.spiffe_id, now, reason or "unspecified")
+            open_ids = [r.session_id for r in tx.open_sessions(device_id=device_id)]
+            ended = end_sessions_audited(
+                tx, open_ids, now, self._now_ms(), "device revoked", actor.spiffe_id
+            )
             self._audit(
                 tx,
                 AuditEvent(
                     actor.spiffe_id,
                     "device.revoked",
                     device_id,
-                    {"serials": serials, "reason": reason, "tokens_cancelled": cancelled},
+                    {
+                        "serials": serials,
+                        "reason": reason,
+                        "tokens_cancelled": cancelled,
+                        "sessions_ended": ended,
+                    },
                 ),
             )
         return serials
@@ -321,6 +331,11 @@ class DeviceAuthority:
                 active = [c for c in certs if c.status is CertStatus.ACTIVE]
                 result.append(DeviceStatus(record, active[-1] if active else None))
             return result
+
+    def audit(self, event: AuditEvent) -> None:
+        """Append one audit entry in its own transaction."""
+        with self._store.transaction() as tx:
+            self._audit(tx, event)
 
     def record_presence(self, device_id: str, trust_bundle_version: str) -> None:
         """Remember that the device attached now holding that trust bundle version."""

@@ -14,6 +14,7 @@ from broker.errors import FailedPrecondition, InvalidArgument, NotFound, Permiss
 from broker.identity import Identity, Kind, validate_device_id
 from broker.onetime import claim_code_hash, new_claim_code
 from broker.ratelimit import FailureLimiter
+from broker.session_log import end_sessions_audited
 from broker.store import DeviceRecord, DeviceState, GrantRecord, Role, Store, Transaction
 
 CLAIM_REFUSED = "claim code is wrong, already used, or the device is already claimed"
@@ -49,6 +50,9 @@ class Ownership:
 
     def _now(self) -> int:
         return unix(self._clock.now())
+
+    def _now_ms(self) -> int:
+        return int(self._clock.now().timestamp() * 1000)
 
     def _audit(self, tx: Transaction, event: AuditEvent) -> None:
         tx.append_audit(event, int(self._clock.now().timestamp() * 1000))
@@ -93,7 +97,9 @@ class Ownership:
             dropped = tx.delete_grants(device.name)
             tx.set_claim_code_hash(device.name, claim_code_hash(code))
             open_ids = [s.session_id for s in tx.open_sessions(device_id=device.name)]
-            ended = tx.end_sessions(open_ids, now, "ownership reset")
+            ended = end_sessions_audited(
+                tx, open_ids, now, self._now_ms(), "ownership reset", device.spiffe_id
+            )
             self._audit(
                 tx,
                 AuditEvent(
@@ -163,7 +169,9 @@ class Ownership:
             open_ids = [
                 s.session_id for s in tx.open_sessions(device_id=device_id, user_id=user.user_id)
             ]
-            ended = tx.end_sessions(open_ids, self._now(), "share revoked")
+            ended = end_sessions_audited(
+                tx, open_ids, self._now(), self._now_ms(), "share revoked", caller.spiffe_id
+            )
             self._audit(
                 tx,
                 AuditEvent(

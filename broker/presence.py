@@ -25,6 +25,7 @@ class AttachHandle:
 
     device_id: str
     serial: str
+    chain_pem: str = ""
     outbox: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
     ended: bool = False
 
@@ -46,12 +47,12 @@ class Presence:
     def __init__(self) -> None:
         self._by_device: dict[str, AttachHandle] = {}
 
-    def attach(self, device_id: str, serial: str) -> AttachHandle:
+    def attach(self, device_id: str, serial: str, chain_pem: str = "") -> AttachHandle:
         """Register a new stream; an older stream of the same device is ended (reconnect wins)."""
         old = self._by_device.get(device_id)
         if old is not None:
             old.end(Unauthenticated("replaced by a newer Attach stream from the same device"))
-        handle = AttachHandle(device_id, serial)
+        handle = AttachHandle(device_id, serial, chain_pem)
         self._by_device[device_id] = handle
         return handle
 
@@ -60,6 +61,10 @@ class Presence:
         handle.ended = True
         if self._by_device.get(handle.device_id) is handle:
             del self._by_device[handle.device_id]
+
+    def handle(self, device_id: str) -> AttachHandle | None:
+        """The device's live stream, if attached."""
+        return self._by_device.get(device_id)
 
     def is_online(self, device_id: str) -> bool:
         return device_id in self._by_device

@@ -11,10 +11,27 @@ from broker.config import Config
 from broker.errors import InvalidArgument, PermissionDenied
 from broker.identity import Identity, Kind, device, validate_device_id
 from broker.ownership import require_grant
-from broker.store import SessionOutcome, SessionRecord, Store
+from broker.session_log import end_sessions_audited
+from broker.store import Role, SessionOutcome, SessionRecord, Store
 from broker.tokens import SCOPE_VIEW, SessionClaims, TokenKeyring, TokenVerifier, key_hash
 
 X25519_KEY_BYTES = 32
+
+
+@dataclass(frozen=True, slots=True)
+class AccessEntry:
+    """One line of the owner's access log."""
+
+    session_id: str
+    user_id: str
+    username: str
+    app_id: str
+    app_label: str
+    started_at: int
+    ended_at: int
+    outcome: str
+    reason: str
+    bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +125,12 @@ class Sessions:
                     caller.spiffe_id,
                     "session.denied",
                     device_id,
-                    {"session_id": session_id, "user_id": caller.name, "reason": denial.message},
+                    {
+                        "session_id": session_id,
+                        "user_id": caller.name,
+                        "app_id": caller.app_id,
+                        "reason": denial.message,
+                    },
                 ),
                 at_ms,
             )
@@ -137,3 +159,90 @@ class Sessions:
         with self._store.read() as tx:
             require_grant(tx, caller.name, record.device_id, unix(self._clock.now()))
         return claims
+
+    def record_close(
+        self, session_id: str, reason: str, byte_count: int, frames: int, dropped: int
+    ) -> None:
+        """A watched stream finished: store its traffic and audit the close."""
+        now = unix(self._clock.now())
+        with self._store.transaction() as tx:
+            record = tx.get_session(session_id)
+            if record is None:
+                return
+            tx.close_session(session_id, now, reason, byte_count)
+            tx.append_audit(
+                AuditEvent(
+                    "broker",
+                    "session.closed",
+                    record.device_id,
+                    {
+                        "session_id": session_id,
+                        "reason": reason,
+                        "bytes": byte_count,
+                        "frames": frames,
+                        "dropped": dropped,
+                    },
+                ),
+                int(self._clock.now().timestamp() * 1000),
+            )
+
+    def end_all_after_restart(self) -> list[str]:
+        """No session survives a restart: every open one is ended (apps re-open with new tokens)."""
+        now = unix(self._clock.now())
+        at_ms = int(self._clock.now().timestamp() * 1000)
+        with self._store.transaction() as tx:
+            open_ids = [r.session_id for r in tx.open_sessions()]
+            return end_sessions_audited(tx, open_ids, now, at_ms, "broker restarted", "broker")
+
+    def access_log(self, caller: Identity, device_id: str) -> list[AccessEntry]:
+        """Every session opened or refused on the device, from the audit trail; owner only."""
+        validate_device_id(device_id)
+        with self._store.read() as tx:
+            grant = tx.get_grant(device_id, caller.name)
+            if grant is None or grant.role is not Role.OWNER:
+                raise PermissionDenied("only the device's owner can read its access log")
+            entries = tx.audit_entries_for(device_id, "session.")
+            rows: dict[str, dict[str, object]] = {}
+            for entry in entries:
+                detail = entry.detail
+                sid = str(detail.get("session_id", ""))
+                row = rows.setdefault(
+                    sid, {"bytes": 0, "ended_at": 0, "reason": "", "outcome": "opened"}
+                )
+                at = entry.at_ms // 1000
+                if entry.action in ("session.opened", "session.denied"):
+                    row.update(
+                        user_id=detail.get("user_id", ""),
+                        app_id=detail.get("app_id", ""),
+                        started_at=at,
+                    )
+                if entry.action == "session.denied":
+                    row.update(outcome="denied", reason=detail.get("reason", ""))
+                if (
+                    entry.action in ("session.ended", "session.closed")
+                    and row["outcome"] != "denied"
+                ):
+                    if not row["ended_at"]:
+                        row.update(ended_at=at, reason=detail.get("reason", ""))
+                    row["outcome"] = "ended"
+                    row["bytes"] = int(row["bytes"]) + int(detail.get("bytes", 0))  # type: ignore[call-overload]
+            result = []
+            for sid, row in rows.items():
+                user_id, app_id = str(row.get("user_id", "")), str(row.get("app_id", ""))
+                user = tx.get_user(user_id) if user_id else None
+                app = tx.get_app(app_id) if app_id else None
+                result.append(
+                    AccessEntry(
+                        sid,
+                        user_id,
+                        user.username if user else "",
+                        app_id,
+                        app.label if app else "",
+                        int(row.get("started_at", 0)),  # type: ignore[call-overload]
+                        int(row["ended_at"]),  # type: ignore[call-overload]
+                        str(row["outcome"]),
+                        str(row["reason"]),
+                        int(row["bytes"]),  # type: ignore[call-overload]
+                    )
+                )
+            return result

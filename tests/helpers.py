@@ -303,3 +303,171 @@ def audit_entries(broker: object, action: str | None = None) -> list[object]:
         return [e for e in store.audit_entries() if action is None or e.action == action]
     finally:
         store.close()
+
+
+# -- users, app instances, claims and sessions (issue 3) -----------------------------------------
+
+PASSWORD = "correct horse battery staple"
+
+
+@dataclass(frozen=True)
+class AppCreds:
+    """An app instance's key and the chain the broker issued for it (held outside the SDK)."""
+
+    user_id: str
+    app_id: str
+    spiffe_id: str
+    key: object
+    chain_pem: str
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificates(self.chain_pem.encode())[0]
+
+    @property
+    def serial(self) -> str:
+        return f"{self.leaf.serial_number:x}"
+
+    @property
+    def thumbprint(self) -> str:
+        """RFC 8705 x5t#S256 of the leaf, as the broker puts it in a token's cnf."""
+        from broker.tokens import cert_thumbprint
+
+        return cert_thumbprint(self.leaf.public_bytes(serialization.Encoding.DER))
+
+    @property
+    def identity(self) -> object:
+        from broker.identity import Identity, Kind
+
+        return Identity(Kind.APP, TRUST_DOMAIN, self.user_id, self.app_id)
+
+    def channel(self, broker: object) -> grpc.Channel:
+        return mtls_channel(
+            broker.main,  # type: ignore[attr-defined]
+            broker.pki.ca_pem,  # type: ignore[attr-defined]
+            key_pem(self.key),
+            self.chain_pem.encode(),
+        )
+
+
+def create_account(broker: object, username: str, password: str = PASSWORD) -> str:
+    channel, stub = bootstrap_stub(broker)
+    with channel:
+        response = stub.CreateAccount(
+            bootstrap_pb2.CreateAccountRequest(username=username, password=password), timeout=10
+        )
+    return str(response.user_id)
+
+
+def enroll_app(
+    broker: object, username: str, password: str = PASSWORD, *, key: object | None = None
+) -> AppCreds:
+    """Password login + CSR over the real bootstrap listener."""
+    key = key or p256()
+    channel, stub = bootstrap_stub(broker)
+    with channel:
+        response = stub.EnrollApp(
+            bootstrap_pb2.EnrollAppRequest(
+                username=username, password=password, csr_pem=csr_for(key), label="test phone"
+            ),
+            timeout=10,
+        )
+    return AppCreds(
+        str(response.user_id),
+        str(response.app_id),
+        str(response.spiffe_id),
+        key,
+        str(response.certificate_chain_pem),
+    )
+
+
+def new_user(broker: object, username: str, password: str = PASSWORD) -> AppCreds:
+    """Sign up and enroll one app instance."""
+    create_account(broker, username, password)
+    return enroll_app(broker, username, password)
+
+
+def enroll_camera(
+    broker: object, operator_channel: grpc.Channel, device_id: str
+) -> tuple[DeviceCreds, str]:
+    """An enrolled device and the claim code the broker gave it."""
+    key = p256()
+    response = enroll(broker, create_token(operator_channel, device_id), csr_for(key))
+    creds = DeviceCreds(str(response.device_id), key, str(response.certificate_chain_pem))
+    return creds, str(response.claim_code)
+
+
+def app_call(broker: object, creds: AppCreds, method: str, request: object) -> object:
+    """One AppService RPC with creds over mutual TLS."""
+    from broker._proto.broker.v1 import app_pb2_grpc
+
+    with creds.channel(broker) as channel:
+        stub = app_pb2_grpc.AppServiceStub(channel)
+        return getattr(stub, method)(request, timeout=10)
+
+
+def claim_device(broker: object, creds: AppCreds, device_id: str, code: str) -> object:
+    from broker._proto.broker.v1 import app_pb2
+
+    return app_call(
+        broker, creds, "ClaimDevice", app_pb2.ClaimDeviceRequest(device_id=device_id, claim_code=code)
+    )
+
+
+def share_device(
+    broker: object, creds: AppCreds, device_id: str, username: str, expires_at: int = 0
+) -> object:
+    from broker._proto.broker.v1 import app_pb2
+
+    return app_call(
+        broker,
+        creds,
+        "ShareDevice",
+        app_pb2.ShareDeviceRequest(device_id=device_id, username=username, expires_at=expires_at),
+    )
+
+
+def open_session(broker: object, creds: AppCreds, device_id: str, eph: bytes = b"\x01" * 32) -> object:
+    from broker._proto.broker.v1 import app_pb2
+
+    return app_call(
+        broker,
+        creds,
+        "OpenSession",
+        app_pb2.OpenSessionRequest(device_id=device_id, app_ephemeral_public_key=eph),
+    )
+
+
+def retry_delay(error: grpc.RpcError) -> int:
+    """Seconds of the google.rpc.RetryInfo detail in the error's grpc-status-details-bin."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    trailers = dict(error.trailing_metadata() or ())  # type: ignore[attr-defined]
+    raw = trailers.get("grpc-status-details-bin")
+    assert raw, f"no status details in {trailers}"
+    status = status_pb2.Status.FromString(raw)
+    assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    infos = [d for d in status.details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
+    assert len(infos) == 1, status
+    info = error_details_pb2.RetryInfo()
+    infos[0].Unpack(info)
+    return int(info.retry_delay.seconds)
+
+
+def grant_rows(broker: object, device_id: str) -> list[tuple[object, ...]]:
+    """(user_id, role, expires_at) of every grant on the device."""
+    return db_rows(
+        broker,
+        "SELECT user_id, role, expires_at FROM grants WHERE device_id = ? ORDER BY user_id",
+        device_id,
+    )
+
+
+def session_rows(broker: object, device_id: str) -> list[tuple[object, ...]]:
+    """(session_id, user_id, app_id, outcome, reason) of every session on the device."""
+    return db_rows(
+        broker,
+        "SELECT session_id, user_id, app_id, outcome, reason FROM sessions "
+        "WHERE device_id = ? ORDER BY opened_at, session_id",
+        device_id,
+    )

@@ -7,17 +7,38 @@ The app's key is generated here and never leaves; the identity lives in a direct
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import grpc
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 
-from broker._proto.broker.v1 import app_pb2, app_pb2_grpc, bootstrap_pb2, bootstrap_pb2_grpc
+from broker._proto.broker.v1 import (
+    app_pb2,
+    app_pb2_grpc,
+    bootstrap_pb2,
+    bootstrap_pb2_grpc,
+    common_pb2,
+)
+from broker.client.bundle import load_bundle, save_bundle
 from broker.client.channels import mtls_channel, tls_channel
 from broker.client.device import Endpoints, make_csr
+from broker.clock import Clock, SystemClock
+from broker.e2e import (
+    FrameRejected,
+    HandshakeError,
+    Opener,
+    SessionBinding,
+    app_side,
+    verify_device_chain,
+)
+from broker.identity import device
 from broker.pemfile import write_atomic
+from broker.tokens import cert_thumbprint
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,13 +118,22 @@ class AppClient:
             self.endpoints.server_name,
         )
 
+    @property
+    def trust_path(self) -> Path:
+        return self.dir / "trust-bundle.json"
+
     def _save(
-        self, key: ec.EllipticCurvePrivateKey, chain_pem: str, state: AppState, bundle_pem: str
+        self,
+        key: ec.EllipticCurvePrivateKey,
+        chain_pem: str,
+        state: AppState,
+        bundle: common_pb2.TrustBundle,
     ) -> None:
         write_atomic(self.key_path, _key_pem(key), mode=0o600)
         write_atomic(self.chain_path, chain_pem.encode("ascii"))
-        if bundle_pem:
-            write_atomic(self.bundle_path, bundle_pem.encode("ascii"))
+        if bundle.ca_certificates_pem:
+            write_atomic(self.bundle_path, bundle.ca_certificates_pem.encode("ascii"))
+            save_bundle(self.trust_path, bundle)
         write_atomic(self.state_path, json.dumps(asdict(state)).encode())
 
     # -- account -------------------------------------------------------------------------------
@@ -130,9 +160,7 @@ class AppClient:
             response.not_after,
             response.renew_after,
         )
-        self._save(
-            key, response.certificate_chain_pem, state, response.trust_bundle.ca_certificates_pem
-        )
+        self._save(key, response.certificate_chain_pem, state, response.trust_bundle)
         return state
 
     async def renew(self) -> AppState:
@@ -146,9 +174,7 @@ class AppClient:
         state = AppState(
             old.user_id, old.app_id, old.spiffe_id, response.not_after, response.renew_after
         )
-        self._save(
-            key, response.certificate_chain_pem, state, response.trust_bundle.ca_certificates_pem
-        )
+        self._save(key, response.certificate_chain_pem, state, response.trust_bundle)
         return state
 
     # -- devices -------------------------------------------------------------------------------
@@ -197,6 +223,37 @@ class AppClient:
             device_id, response.session_id, response.token, response.expires_at, ephemeral
         )
 
+    def thumbprint(self) -> str:
+        """x5t#S256 of this app instance's current certificate (what tokens are bound to)."""
+        leaf = x509.load_pem_x509_certificate(self.chain_path.read_bytes())
+        return cert_thumbprint(leaf.public_bytes(serialization.Encoding.DER))
+
+    @asynccontextmanager
+    async def watch(
+        self, ticket: SessionTicket, clock: Clock | None = None
+    ) -> AsyncIterator[WatchStream]:
+        """Start the session's stream; iterate ``frames()`` for decrypted, verified media."""
+        async with self.channel() as ch:
+            call = app_pb2_grpc.AppServiceStub(ch).Watch(
+                app_pb2.WatchRequest(
+                    session_id=ticket.session_id,
+                    token=ticket.token,
+                    app_ephemeral_public_key=ticket.ephemeral_public,
+                )
+            )
+            stream = WatchStream(call, ticket, self, clock or SystemClock())
+            try:
+                yield stream
+            finally:
+                call.cancel()
+
+    async def list_access(self, device_id: str) -> list[app_pb2.AccessEntry]:
+        async with self.channel() as ch:
+            response = await app_pb2_grpc.AppServiceStub(ch).ListAccess(
+                app_pb2.ListAccessRequest(device_id=device_id), timeout=30
+            )
+        return list(response.entries)
+
     async def sign_out(self) -> int:
         """Revoke this app instance; returns how many sessions ended."""
         async with self.channel() as ch:
@@ -204,3 +261,70 @@ class AppClient:
                 app_pb2.SignOutRequest(), timeout=30
             )
         return int(response.sessions_ended)
+
+
+class WatchStream:
+    """The app's end of a stream: verifies the camera, then yields only frames that decrypt.
+
+    Frames that fail (wrong key, replay, reorder) are never yielded; they are counted in
+    ``rejected`` with their reasons in ``mismatches`` (I6).
+    """
+
+    def __init__(
+        self, call: grpc.aio.UnaryStreamCall, ticket: SessionTicket, app: AppClient, clock: Clock
+    ) -> None:
+        self._call = call
+        self._ticket = ticket
+        self._app = app
+        self._clock = clock
+        self.opener: Opener | None = None
+        self.hello: app_pb2.StreamHello | None = None
+        self.end_reason: str | None = None
+        self.rejected = 0
+        self.mismatches: list[str] = []
+        self.dropped = 0
+
+    def _verify_hello(self, hello: app_pb2.StreamHello) -> Opener:
+        ticket = self._ticket
+        state = self._app.state
+        trust_domain = state.spiffe_id.removeprefix("spiffe://").split("/", 1)[0]
+        expected = device(trust_domain, ticket.device_id).spiffe_id
+        if hello.session_id != ticket.session_id:
+            raise HandshakeError("hello is for another session")
+        leaf = verify_device_chain(
+            hello.device_certificate_chain_pem,
+            load_bundle(self._app.trust_path).issuing_cas(),
+            expected,
+            self._clock.now(),
+        )
+        binding = SessionBinding(
+            ticket.session_id,
+            expected,
+            state.user_id,
+            self._app.thumbprint(),
+            ticket.ephemeral_public,
+            hello.device_ephemeral_public_key,
+        )
+        return app_side(ticket.ephemeral_key, leaf, binding, hello.signature)
+
+    async def frames(self) -> AsyncIterator[bytes]:
+        """Plaintext frames in order; stops at the end event (``end_reason``) or stream close."""
+        async for event in self._call:
+            kind = event.WhichOneof("kind")
+            if kind == "hello":
+                self.hello = event.hello
+                self.opener = self._verify_hello(event.hello)
+            elif kind == "frame":
+                self.dropped = event.frame.dropped
+                if self.opener is None:
+                    self.rejected += 1
+                    self.mismatches.append("frame before a verified hello")
+                    continue
+                try:
+                    yield self.opener.open(event.frame.sequence, event.frame.ciphertext)
+                except FrameRejected as rejected:
+                    self.rejected += 1
+                    self.mismatches.append(rejected.message)
+            elif kind == "end":
+                self.end_reason = event.end.reason
+                return

@@ -27,10 +27,13 @@ from broker._proto.broker.v1 import (
     device_pb2,
     device_pb2_grpc,
 )
+from broker.client.bundle import load_bundle, save_bundle
 from broker.client.channels import mtls_channel, tls_channel
 from broker.clock import Clock, SystemClock
-from broker.pemfile import write_atomic
-from broker.tokens import SessionClaims, TokenVerifier
+from broker.e2e import Sealer, device_side
+from broker.errors import PermissionDenied
+from broker.pemfile import read_private_key, write_atomic
+from broker.tokens import SessionClaims, TokenVerifier, key_hash
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,22 +108,22 @@ class DeviceClient:
 
     def save_trust_bundle(self, bundle: common_pb2.TrustBundle) -> None:
         """Keep the bundle the broker sent (enrollment, renewal or an Attach update)."""
-        data = {
-            "ca_certificates_pem": bundle.ca_certificates_pem,
-            "issuing_certificates_pem": bundle.issuing_certificates_pem,
-            "jwks_json": bundle.jwks_json,
-            "version": bundle.version,
-        }
-        write_atomic(self.trust_path, json.dumps(data).encode())
+        save_bundle(self.trust_path, bundle)
+        if bundle.ca_certificates_pem:
+            write_atomic(self.bundle_path, bundle.ca_certificates_pem.encode("ascii"))
+
+    def private_key(self) -> ec.EllipticCurvePrivateKey:
+        """The device key (generated here at enrollment or renewal)."""
+        return read_private_key(self.key_path)
 
     def token_verifier(self, clock: Clock | None = None) -> DeviceTokenVerifier:
         """The camera's own check of session tokens, against its own trust bundle and identity."""
-        bundle = json.loads(self.trust_path.read_text())
+        bundle = load_bundle(self.trust_path)
         state = self.state
         trust_domain = state.spiffe_id.removeprefix("spiffe://").split("/", 1)[0]
         return DeviceTokenVerifier(
             TokenVerifier(
-                bundle["jwks_json"], f"spiffe://{trust_domain}/broker", clock or SystemClock()
+                bundle.jwks_json, f"spiffe://{trust_domain}/broker", clock or SystemClock()
             ),
             state.spiffe_id,
         )
@@ -235,8 +238,8 @@ class DeviceClient:
         """Open the Attach stream, send hello, keep heartbeats going until the block exits."""
         async with self.channel() as ch:
             call = device_pb2_grpc.DeviceServiceStub(ch).Attach()
-            session = AttachSession(call, self.state.trust_bundle_version)
-            await call.write(
+            session = AttachSession(call, self)
+            await session._write(
                 device_pb2.DeviceMessage(
                     hello=device_pb2.Hello(trust_bundle_version=self.state.trust_bundle_version)
                 )
@@ -251,13 +254,28 @@ class DeviceClient:
                 call.cancel()
 
 
-class AttachSession:
-    """A live Attach stream: read broker messages, send heartbeats."""
+@dataclass
+class OutgoingStream:
+    """A session this camera agreed to stream: frames are sealed to the app's key."""
 
-    def __init__(self, call: grpc.aio.StreamStreamCall, bundle_version: str) -> None:
+    session_id: str
+    claims: SessionClaims
+    sealer: Sealer
+
+
+class AttachSession:
+    """A live Attach stream: broker messages in; heartbeats, stream handshakes and frames out."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall, client: DeviceClient) -> None:
         self.call = call
-        self._bundle_version = bundle_version
+        self._client = client
+        self._bundle_version = client.state.trust_bundle_version
         self._sequence = 0
+        self._write_lock = asyncio.Lock()  # grpc allows one outstanding write per call
+
+    async def _write(self, message: device_pb2.DeviceMessage) -> None:
+        async with self._write_lock:
+            await self.call.write(message)
 
     async def receive(self, timeout: float | None = None) -> device_pb2.BrokerMessage | None:
         """The next broker message, or None when the stream ended cleanly."""
@@ -269,7 +287,7 @@ class AttachSession:
 
     async def heartbeat(self) -> None:
         self._sequence += 1
-        await self.call.write(
+        await self._write(
             device_pb2.DeviceMessage(
                 heartbeat=device_pb2.Heartbeat(
                     sequence=self._sequence, trust_bundle_version=self._bundle_version
@@ -281,6 +299,76 @@ class AttachSession:
         while True:
             await asyncio.sleep(interval)
             await self.heartbeat()
+
+    def adopt_bundle(self, update: device_pb2.TrustBundleUpdate) -> None:
+        """Keep a trust bundle the broker pushed; later heartbeats acknowledge its version."""
+        self._client.save_trust_bundle(update.trust_bundle)
+        self._bundle_version = update.trust_bundle.version
+
+    async def accept_stream(
+        self, start: device_pb2.StartStream, clock: Clock | None = None
+    ) -> OutgoingStream:
+        """Verify the session token as this camera (I5) and answer with the signed handshake.
+
+        Any failure is answered with a StreamReject and re-raised as PermissionDenied.
+        """
+        try:
+            claims = self._client.token_verifier(clock).verify(start.token)
+            if claims.session_id != start.session_id:
+                raise PermissionDenied("token was minted for another session")
+            if key_hash(start.app_ephemeral_public_key) != claims.ephemeral_key_hash:
+                raise PermissionDenied("app key does not match the session token")
+        except PermissionDenied as refused:
+            await self._write(
+                device_pb2.DeviceMessage(
+                    stream_reject=device_pb2.StreamReject(
+                        session_id=start.session_id, reason=refused.message
+                    )
+                )
+            )
+            raise
+        state = self._client.state
+        device_ephemeral, signature, sealer = device_side(
+            self._client.private_key(),
+            start.session_id,
+            state.spiffe_id,
+            claims.user_id,
+            claims.cnf_thumbprint,
+            start.app_ephemeral_public_key,
+        )
+        await self._write(
+            device_pb2.DeviceMessage(
+                stream_accept=device_pb2.StreamAccept(
+                    session_id=start.session_id,
+                    device_ephemeral_public_key=device_ephemeral,
+                    signature=signature,
+                )
+            )
+        )
+        return OutgoingStream(start.session_id, claims, sealer)
+
+    async def send_frame(self, stream: OutgoingStream, plaintext: bytes) -> int:
+        """Seal and send one frame; returns its sequence number."""
+        sequence, ciphertext = stream.sealer.seal(plaintext)
+        await self.send_raw_frame(stream.session_id, sequence, ciphertext)
+        return sequence
+
+    async def send_raw_frame(self, session_id: str, sequence: int, ciphertext: bytes) -> None:
+        """Send an already sealed frame (also used by tests that forge frames)."""
+        await self._write(
+            device_pb2.DeviceMessage(
+                media_frame=device_pb2.MediaFrame(
+                    session_id=session_id, sequence=sequence, ciphertext=ciphertext
+                )
+            )
+        )
+
+    async def close_stream(self, session_id: str, reason: str) -> None:
+        await self._write(
+            device_pb2.DeviceMessage(
+                stream_closed=device_pb2.StreamClosed(session_id=session_id, reason=reason)
+            )
+        )
 
 
 def ensure_private(path: Path) -> None:
@@ -300,7 +388,5 @@ class DeviceTokenVerifier:
         """The claims of a token addressed to this camera; PermissionDenied otherwise."""
         claims = self._verifier.verify(token, self._own)
         if claims.audience != self._own:  # PyJWT checked aud too; keep the rule explicit here
-            from broker.errors import PermissionDenied
-
             raise PermissionDenied("session token is for another device")
         return claims

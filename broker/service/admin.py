@@ -38,6 +38,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             request.device_id,
             request.reason,
         )
+        self._rt.relay.end_where("device revoked", device_id=request.device_id)
         closed = self._rt.presence.end_device(
             request.device_id, Unauthenticated("device certificate has been revoked")
         )

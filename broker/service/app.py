@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from broker._proto.broker.v1 import app_pb2, app_pb2_grpc
 from broker.clock import unix
+from broker.errors import Unavailable
 from broker.identity import device
+from broker.relay import LiveSession, Rejected
 from broker.service.convert import trust_bundle_pb
 from broker.service.interceptor import current_caller
 from broker.service.runtime import Runtime
 from broker.store import Role
 from broker.tokens import cert_thumbprint
 
+HANDSHAKE_TIMEOUT = 10.0
 ROLE_PB = {Role.OWNER: app_pb2.ROLE_OWNER, Role.VIEWER: app_pb2.ROLE_VIEWER}
 
 
@@ -90,6 +95,7 @@ class AppService(app_pb2_grpc.AppServiceServicer):
             request.device_id,
             request.username,
         )
+        self._rt.relay.end_many(ended, "share revoked")
         return app_pb2.RevokeShareResponse(sessions_ended=len(ended))
 
     async def OpenSession(
@@ -113,4 +119,95 @@ class AppService(app_pb2_grpc.AppServiceServicer):
         ended = await self._rt.run(
             self._rt.accounts.revoke_app, caller, caller.name, caller.app_id, "signed out"
         )
+        self._rt.relay.end_many(ended, "app instance signed out")
+        self._rt.relay.end_where("app instance signed out", app_id=caller.app_id)
         return app_pb2.SignOutResponse(sessions_ended=len(ended))
+
+    async def Watch(self, request: app_pb2.WatchRequest, context: grpc.aio.ServicerContext) -> None:
+        caller = current_caller()
+        claims = await self._rt.run(
+            self._rt.sessions.verify_for_watch,
+            caller.identity,
+            caller_thumbprint(),
+            request.session_id,
+            request.token,
+        )
+        device_id = claims.audience.rsplit("/", 1)[-1]
+        live = self._rt.relay.open(
+            claims.session_id, device_id, claims.user_id, claims.app_id, claims.expires_at
+        )
+        try:
+            await self._stream(context, live, request)
+        finally:
+            self._rt.relay.detach(live)
+            await self._rt.run(
+                self._rt.sessions.record_close,
+                live.session_id,
+                live.end_reason or "watcher left",
+                live.bytes_relayed,
+                live.frames_relayed,
+                live.dropped,
+            )
+
+    async def _stream(
+        self, context: grpc.aio.ServicerContext, live: LiveSession, request: app_pb2.WatchRequest
+    ) -> None:
+        if not self._rt.relay.start(live, request.token, request.app_ephemeral_public_key):
+            raise Unavailable("the camera is offline; try again when it is attached")
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(live.handshake), HANDSHAKE_TIMEOUT)
+        except TimeoutError:
+            raise Unavailable("the camera did not answer the stream request in time") from None
+        if isinstance(outcome, Rejected):
+            await context.write(app_pb2.StreamEvent(end=app_pb2.StreamEnd(reason=outcome.reason)))
+            return
+        await context.write(
+            app_pb2.StreamEvent(
+                hello=app_pb2.StreamHello(
+                    session_id=live.session_id,
+                    device_id=live.device_id,
+                    device_certificate_chain_pem=outcome.device_chain_pem,
+                    device_ephemeral_public_key=outcome.device_ephemeral,
+                    signature=outcome.signature,
+                )
+            )
+        )
+        while True:
+            await live.wake.wait()
+            for sequence, ciphertext in live.take():
+                await context.write(
+                    app_pb2.StreamEvent(
+                        frame=app_pb2.StreamFrame(
+                            sequence=sequence, ciphertext=ciphertext, dropped=live.dropped
+                        )
+                    )
+                )
+            if live.ended:
+                await context.write(
+                    app_pb2.StreamEvent(end=app_pb2.StreamEnd(reason=live.end_reason or ""))
+                )
+                return
+
+    async def ListAccess(
+        self, request: app_pb2.ListAccessRequest, context: grpc.aio.ServicerContext
+    ) -> app_pb2.ListAccessResponse:
+        entries = await self._rt.run(
+            self._rt.sessions.access_log, current_caller().identity, request.device_id
+        )
+        return app_pb2.ListAccessResponse(
+            entries=[
+                app_pb2.AccessEntry(
+                    session_id=e.session_id,
+                    user_id=e.user_id,
+                    username=e.username,
+                    app_id=e.app_id,
+                    app_label=e.app_label,
+                    started_at=e.started_at,
+                    ended_at=e.ended_at,
+                    outcome=e.outcome,
+                    reason=e.reason,
+                    bytes=e.bytes,
+                )
+                for e in entries
+            ]
+        )

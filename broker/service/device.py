@@ -1,4 +1,4 @@
-"""DeviceService: certificate renewal and the camera's Attach control stream."""
+"""DeviceService: certificate renewal, factory reset, and the camera's Attach stream."""
 
 from __future__ import annotations
 
@@ -11,9 +11,30 @@ from broker._proto.broker.v1 import device_pb2, device_pb2_grpc
 from broker.clock import unix
 from broker.errors import BrokerError, InvalidArgument
 from broker.presence import CLOSED, AttachHandle
+from broker.relay import Accepted, StartStreamCommand, StopStreamCommand
 from broker.service.convert import trust_bundle_pb
 from broker.service.interceptor import abort_with, current_caller
 from broker.service.runtime import Runtime
+
+MAX_FRAME_BYTES = 60 * 1024
+
+
+def command_pb(item: object) -> device_pb2.BrokerMessage:
+    """Core relay commands as protobuf; protobuf messages pass through."""
+    if isinstance(item, StartStreamCommand):
+        return device_pb2.BrokerMessage(
+            start_stream=device_pb2.StartStream(
+                session_id=item.session_id,
+                token=item.token,
+                app_ephemeral_public_key=item.app_ephemeral,
+            )
+        )
+    if isinstance(item, StopStreamCommand):
+        return device_pb2.BrokerMessage(
+            stop_stream=device_pb2.StopStream(session_id=item.session_id, reason=item.reason)
+        )
+    assert isinstance(item, device_pb2.BrokerMessage)
+    return item
 
 
 class DeviceService(device_pb2_grpc.DeviceServiceServicer):
@@ -38,18 +59,24 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
     async def ResetOwnership(
         self, request: device_pb2.ResetOwnershipRequest, context: grpc.aio.ServicerContext
     ) -> device_pb2.ResetOwnershipResponse:
-        code, ended = await self._rt.run(self._rt.ownership.reset, current_caller().identity)
+        caller = current_caller().identity
+        code, ended = await self._rt.run(self._rt.ownership.reset, caller)
+        self._rt.relay.end_many(ended, "ownership reset")
+        self._rt.relay.end_where("ownership reset", device_id=caller.name)
         return device_pb2.ResetOwnershipResponse(claim_code=code, sessions_ended=len(ended))
 
     async def Attach(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         caller = current_caller()
+        device_id = caller.identity.name
         hello = await self._read_hello(context)
-        handle = self._rt.presence.attach(caller.identity.name, caller.serial)
+        handle = self._rt.presence.attach(
+            device_id, caller.serial, self._chain_pem(caller.certificate)
+        )
         reader = asyncio.create_task(self._read_loop(context, handle))
         try:
-            await self._greet(context, hello, caller.identity.name)
+            await self._greet(context, hello, device_id)
             await self._rt.run(
-                self._rt.devices.record_presence, caller.identity.name, hello.trust_bundle_version
+                self._rt.devices.record_presence, device_id, hello.trust_bundle_version
             )
             await self._pump(context, handle)
         finally:
@@ -57,6 +84,19 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
             self._rt.presence.detach(handle)
+            if self._rt.presence.handle(device_id) is None:
+                self._rt.relay.on_device_gone(device_id)
+
+    def _chain_pem(self, cert: object) -> str:
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        if not isinstance(cert, x509.Certificate):
+            return ""
+        return (
+            cert.public_bytes(Encoding.PEM).decode("ascii")
+            + self._rt.trust_bundle.issuing_certificates_pem
+        )
 
     async def _read_hello(self, context: grpc.aio.ServicerContext) -> device_pb2.Hello:
         try:
@@ -113,7 +153,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                 return
             if isinstance(item, BrokerError):
                 await abort_with(context, item)
-            await context.write(item)
+            await context.write(command_pb(item))
 
     async def _read_loop(self, context: grpc.aio.ServicerContext, handle: AttachHandle) -> None:
         try:
@@ -121,15 +161,38 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                 message = await context.read()
                 if message is grpc.aio.EOF:
                     break
-                if message.HasField("heartbeat"):
-                    handle.send(
-                        device_pb2.BrokerMessage(
-                            heartbeat_ack=device_pb2.HeartbeatAck(
-                                sequence=message.heartbeat.sequence
-                            )
-                        )
-                    )
+                self._on_message(handle, message)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             pass
         finally:
             handle.send(CLOSED)
+
+    def _on_message(self, handle: AttachHandle, message: device_pb2.DeviceMessage) -> None:
+        """Route one message from the camera. Identity is the stream's certificate, never a field (I6)."""
+        relay = self._rt.relay
+        kind = message.WhichOneof("kind")
+        if kind == "media_frame":
+            frame = message.media_frame
+            if len(frame.ciphertext) <= MAX_FRAME_BYTES:
+                relay.on_frame(handle.device_id, frame.session_id, frame.sequence, frame.ciphertext)
+        elif kind == "heartbeat":
+            handle.send(
+                device_pb2.BrokerMessage(
+                    heartbeat_ack=device_pb2.HeartbeatAck(sequence=message.heartbeat.sequence)
+                )
+            )
+        elif kind == "stream_accept":
+            accept = message.stream_accept
+            relay.on_accept(
+                handle.device_id,
+                accept.session_id,
+                Accepted(accept.device_ephemeral_public_key, accept.signature, handle.chain_pem),
+            )
+        elif kind == "stream_reject":
+            relay.on_reject(
+                handle.device_id, message.stream_reject.session_id, message.stream_reject.reason
+            )
+        elif kind == "stream_closed":
+            relay.on_closed(
+                handle.device_id, message.stream_closed.session_id, message.stream_closed.reason
+            )

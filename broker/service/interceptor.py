@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -87,20 +87,11 @@ def _wrap(
         )
     if handler.unary_stream is not None:
         inner_us = handler.unary_stream
+        if inspect.isasyncgenfunction(inner_us):
+            raise TypeError(f"{method}: write streaming handlers with context.write")
 
-        async def unary_stream(
-            request: Any, context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[Any]:
-            try:
-                await admit(context)
-            except BrokerError as error:
-                await abort_with(context, error)
-            result = inner_us(request, context)
-            if inspect.isasyncgen(result):
-                async for item in result:
-                    yield item
-            else:
-                await result
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await _guarded(context, method, admit, lambda: inner_us(request, context))
 
         return grpc.unary_stream_rpc_method_handler(
             unary_stream, handler.request_deserializer, handler.response_serializer

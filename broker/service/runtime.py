@@ -15,6 +15,7 @@ from broker.config import Config
 from broker.devices import DeviceAuthority
 from broker.ownership import Ownership
 from broker.presence import Presence
+from broker.relay import Relay
 from broker.sessions import Sessions
 from broker.trust import TrustBundle
 
@@ -35,6 +36,7 @@ class Runtime:
     accounts: Accounts
     ownership: Ownership
     sessions: Sessions
+    relay: Relay
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="broker-core")
     )

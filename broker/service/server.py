@@ -31,6 +31,7 @@ from broker._proto.broker.v1 import (
     device_pb2_grpc,
 )
 from broker.accounts import Accounts
+from broker.audit import AuditEvent
 from broker.ca import PkiFiles, load_authority
 from broker.clock import Clock, SystemClock
 from broker.config import Config
@@ -41,6 +42,7 @@ from broker.ownership import Ownership
 from broker.passwords import PasswordHasher
 from broker.pemfile import read_certificates
 from broker.presence import Presence
+from broker.relay import Relay
 from broker.service.admin import AdminService
 from broker.service.app import AppService
 from broker.service.bootstrap import BootstrapService
@@ -111,20 +113,36 @@ class BrokerServer:
         authority = load_authority(config, self.clock)
         self.devices = DeviceAuthority(config, authority, self.store, self.clock)
         keyring = load_keyring(config.certs_dir)
+        presence = Presence()
         self.runtime = Runtime(
             config,
             self.clock,
             self.devices,
-            Presence(),
+            presence,
             load_trust_bundle(config, keyring.jwks_json()),
             Accounts(config, authority, self.store, self.clock, PasswordHasher(config)),
             Ownership(config, self.store, self.clock),
             Sessions(config, self.store, self.clock, keyring),
+            Relay(presence, self.clock, self._alarm),
         )
+        self._background: list[asyncio.Task[None]] = []
         self._issuers = [authority.certificate]
         self._servers: list[grpc.aio.Server] = []
         self.ports: dict[str, int] = {}
         self._register_offline_certificates()
+
+    def _alarm(self, device_id: str, session_id: str, reason: str) -> None:
+        """A relay rule fired (e.g. a frame from the wrong camera): log and audit it (I6, I12)."""
+        log.warning("relay alarm device=%s session=%s reason=%s", device_id, session_id, reason)
+        event = AuditEvent(
+            f"spiffe://{self.config.trust_domain}/device/{device_id}",
+            "relay.alarm",
+            device_id,
+            {"session_id": session_id[:64], "reason": reason},
+        )
+        task = asyncio.get_running_loop().create_task(self.runtime.run(self.devices.audit, event))
+        self._background.append(task)
+        task.add_done_callback(self._background.remove)
 
     def _register_offline_certificates(self) -> None:
         """Operator and broker certificates are issued offline; make sure the store knows them."""
@@ -294,16 +312,22 @@ class BrokerServer:
 
     async def start(self) -> dict[str, int]:
         """Bind and start all listeners; returns the bound ports by listener name."""
+        ended = self.runtime.sessions.end_all_after_restart()
+        if ended:
+            log.info("ended %d session(s) left open by the previous run", len(ended))
         self._servers = self._build()
         for server in self._servers:
             await server.start()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._expiry = asyncio.get_running_loop().create_task(self.runtime.relay.run_expiry())
         log.info("broker listening ports=%s trust_domain=%s", self.ports, self.config.trust_domain)
         return dict(self.ports)
 
     async def stop(self, grace: float | None = 1.0) -> None:
         """Stop all listeners; streams get `grace` seconds to finish."""
+        self._expiry.cancel()
         await asyncio.gather(*(s.stop(grace) for s in self._servers))
+        await asyncio.gather(*self._background, return_exceptions=True)
         self.runtime.executor.shutdown(wait=True)
         self.runtime.password_executor.shutdown(wait=True)
         self.store.close()

@@ -100,6 +100,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX sessions_device ON sessions(device_id, opened_at)",
         "CREATE INDEX sessions_user ON sessions(user_id)",
     ),
+    # v4: the owner's access log is read from the audit trail by device.
+    ("CREATE INDEX audit_log_subject ON audit_log(subject, seq)",),
 )
 
 LATEST_VERSION = len(MIGRATIONS)

@@ -351,7 +351,35 @@ class SqliteTransaction:
         )
         return [_session(r) for r in rows]
 
+    def close_session(self, session_id: str, at: int, reason: str, byte_count: int) -> bool:
+        cursor = self._conn.execute(
+            "UPDATE sessions SET bytes = ?, ended_at = COALESCE(ended_at, ?), "
+            "reason = CASE WHEN outcome = 'opened' THEN ? ELSE reason END, outcome = 'ended' "
+            "WHERE session_id = ? AND outcome != 'denied'",
+            (byte_count, at, reason, session_id),
+        )
+        return cursor.rowcount == 1
+
+    def end_all_open_sessions(self, at: int, reason: str) -> list[str]:
+        rows = self._conn.execute(
+            "UPDATE sessions SET outcome = 'ended', ended_at = ?, reason = ? "
+            "WHERE outcome = 'opened' RETURNING session_id",
+            (at, reason),
+        ).fetchall()
+        return sorted(r[0] for r in rows)
+
     # audit
+    def audit_entries_for(self, subject: str, action_prefix: str) -> list[AuditEntry]:
+        rows = self._conn.execute(
+            "SELECT seq, at_ms, actor, action, subject, detail, prev_hash, hash FROM audit_log "
+            "WHERE subject = ? AND action LIKE ? ORDER BY seq",
+            (subject, action_prefix.replace("%", "") + "%"),
+        ).fetchall()
+        return [
+            AuditEntry(seq, at_ms, actor, action, subj, json.loads(detail), prev, digest)
+            for seq, at_ms, actor, action, subj, detail, prev, digest in rows
+        ]
+
     def append_audit(self, event: AuditEvent, at_ms: int) -> AuditEntry:
         last = self._one("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1", ())
         seq, prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS)

@@ -25,45 +25,61 @@ _sym_db = _symbol_database.Default()
 from broker._proto.broker.v1 import common_pb2 as broker_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x62roker/v1/app.proto\x12\tbroker.v1\x1a\x16\x62roker/v1/common.proto\"-\n\x1aRenewAppCertificateRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\"\x92\x01\n\x1bRenewAppCertificateResponse\x12\x1d\n\x15\x63\x65rtificate_chain_pem\x18\x01 \x01(\t\x12,\n\x0ctrust_bundle\x18\x02 \x01(\x0b\x32\x16.broker.v1.TrustBundle\x12\x11\n\tnot_after\x18\x03 \x01(\x03\x12\x13\n\x0brenew_after\x18\x04 \x01(\x03\";\n\x12\x43laimDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x12\n\nclaim_code\x18\x02 \x01(\t\"(\n\x13\x43laimDeviceResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\x16\n\x14ListMyDevicesRequest\"s\n\x08MyDevice\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.broker.v1.Role\x12\x0e\n\x06online\x18\x03 \x01(\x08\x12\x12\n\nexpires_at\x18\x04 \x01(\x03\x12\x11\n\tspiffe_id\x18\x05 \x01(\t\"=\n\x15ListMyDevicesResponse\x12$\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x13.broker.v1.MyDevice\"M\n\x12ShareDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\"9\n\x13ShareDeviceResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"9\n\x12RevokeShareRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\"-\n\x13RevokeShareResponse\x12\x16\n\x0esessions_ended\x18\x01 \x01(\r\"I\n\x12OpenSessionRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12 \n\x18\x61pp_ephemeral_public_key\x18\x02 \x01(\x0c\"L\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\"\x10\n\x0eSignOutRequest\")\n\x0fSignOutResponse\x12\x16\n\x0esessions_ended\x18\x01 \x01(\r*=\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_OWNER\x10\x01\x12\x0f\n\x0bROLE_VIEWER\x10\x02\x32\xbb\x04\n\nAppService\x12\x61\n\x10RenewCertificate\x12%.broker.v1.RenewAppCertificateRequest\x1a&.broker.v1.RenewAppCertificateResponse\x12L\n\x0b\x43laimDevice\x12\x1d.broker.v1.ClaimDeviceRequest\x1a\x1e.broker.v1.ClaimDeviceResponse\x12P\n\x0bListDevices\x12\x1f.broker.v1.ListMyDevicesRequest\x1a .broker.v1.ListMyDevicesResponse\x12L\n\x0bShareDevice\x12\x1d.broker.v1.ShareDeviceRequest\x1a\x1e.broker.v1.ShareDeviceResponse\x12L\n\x0bRevokeShare\x12\x1d.broker.v1.RevokeShareRequest\x1a\x1e.broker.v1.RevokeShareResponse\x12L\n\x0bOpenSession\x12\x1d.broker.v1.OpenSessionRequest\x1a\x1e.broker.v1.OpenSessionResponse\x12@\n\x07SignOut\x12\x19.broker.v1.SignOutRequest\x1a\x1a.broker.v1.SignOutResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x62roker/v1/app.proto\x12\tbroker.v1\x1a\x16\x62roker/v1/common.proto\"S\n\x0cWatchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12 \n\x18\x61pp_ephemeral_public_key\x18\x03 \x01(\x0c\"\x8c\x01\n\x0bStreamEvent\x12\'\n\x05hello\x18\x01 \x01(\x0b\x32\x16.broker.v1.StreamHelloH\x00\x12\'\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x16.broker.v1.StreamFrameH\x00\x12#\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x14.broker.v1.StreamEndH\x00\x42\x06\n\x04kind\"\x92\x01\n\x0bStreamHello\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12$\n\x1c\x64\x65vice_certificate_chain_pem\x18\x03 \x01(\t\x12#\n\x1b\x64\x65vice_ephemeral_public_key\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"D\n\x0bStreamFrame\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\x04\"\x1b\n\tStreamEnd\x12\x0e\n\x06reason\x18\x01 \x01(\t\"&\n\x11ListAccessRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\xbd\x01\n\x0b\x41\x63\x63\x65ssEntry\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x10\n\x08username\x18\x03 \x01(\t\x12\x0e\n\x06\x61pp_id\x18\x04 \x01(\t\x12\x11\n\tapp_label\x18\x05 \x01(\t\x12\x12\n\nstarted_at\x18\x06 \x01(\x03\x12\x10\n\x08\x65nded_at\x18\x07 \x01(\x03\x12\x0f\n\x07outcome\x18\x08 \x01(\t\x12\x0e\n\x06reason\x18\t \x01(\t\x12\r\n\x05\x62ytes\x18\n \x01(\x04\"=\n\x12ListAccessResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.broker.v1.AccessEntry\"-\n\x1aRenewAppCertificateRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\"\x92\x01\n\x1bRenewAppCertificateResponse\x12\x1d\n\x15\x63\x65rtificate_chain_pem\x18\x01 \x01(\t\x12,\n\x0ctrust_bundle\x18\x02 \x01(\x0b\x32\x16.broker.v1.TrustBundle\x12\x11\n\tnot_after\x18\x03 \x01(\x03\x12\x13\n\x0brenew_after\x18\x04 \x01(\x03\";\n\x12\x43laimDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x12\n\nclaim_code\x18\x02 \x01(\t\"(\n\x13\x43laimDeviceResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\x16\n\x14ListMyDevicesRequest\"s\n\x08MyDevice\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x1d\n\x04role\x18\x02 \x01(\x0e\x32\x0f.broker.v1.Role\x12\x0e\n\x06online\x18\x03 \x01(\x08\x12\x12\n\nexpires_at\x18\x04 \x01(\x03\x12\x11\n\tspiffe_id\x18\x05 \x01(\t\"=\n\x15ListMyDevicesResponse\x12$\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x13.broker.v1.MyDevice\"M\n\x12ShareDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\"9\n\x13ShareDeviceResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"9\n\x12RevokeShareRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\"-\n\x13RevokeShareResponse\x12\x16\n\x0esessions_ended\x18\x01 \x01(\r\"I\n\x12OpenSessionRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12 \n\x18\x61pp_ephemeral_public_key\x18\x02 \x01(\x0c\"L\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\"\x10\n\x0eSignOutRequest\")\n\x0fSignOutResponse\x12\x16\n\x0esessions_ended\x18\x01 \x01(\r*=\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_OWNER\x10\x01\x12\x0f\n\x0bROLE_VIEWER\x10\x02\x32\xc2\x05\n\nAppService\x12\x61\n\x10RenewCertificate\x12%.broker.v1.RenewAppCertificateRequest\x1a&.broker.v1.RenewAppCertificateResponse\x12L\n\x0b\x43laimDevice\x12\x1d.broker.v1.ClaimDeviceRequest\x1a\x1e.broker.v1.ClaimDeviceResponse\x12P\n\x0bListDevices\x12\x1f.broker.v1.ListMyDevicesRequest\x1a .broker.v1.ListMyDevicesResponse\x12L\n\x0bShareDevice\x12\x1d.broker.v1.ShareDeviceRequest\x1a\x1e.broker.v1.ShareDeviceResponse\x12L\n\x0bRevokeShare\x12\x1d.broker.v1.RevokeShareRequest\x1a\x1e.broker.v1.RevokeShareResponse\x12L\n\x0bOpenSession\x12\x1d.broker.v1.OpenSessionRequest\x1a\x1e.broker.v1.OpenSessionResponse\x12@\n\x07SignOut\x12\x19.broker.v1.SignOutRequest\x1a\x1a.broker.v1.SignOutResponse\x12:\n\x05Watch\x12\x17.broker.v1.WatchRequest\x1a\x16.broker.v1.StreamEvent0\x01\x12I\n\nListAccess\x12\x1c.broker.v1.ListAccessRequest\x1a\x1d.broker.v1.ListAccessResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'broker.v1.app_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1019
-  _globals['_ROLE']._serialized_end=1080
-  _globals['_RENEWAPPCERTIFICATEREQUEST']._serialized_start=58
-  _globals['_RENEWAPPCERTIFICATEREQUEST']._serialized_end=103
-  _globals['_RENEWAPPCERTIFICATERESPONSE']._serialized_start=106
-  _globals['_RENEWAPPCERTIFICATERESPONSE']._serialized_end=252
-  _globals['_CLAIMDEVICEREQUEST']._serialized_start=254
-  _globals['_CLAIMDEVICEREQUEST']._serialized_end=313
-  _globals['_CLAIMDEVICERESPONSE']._serialized_start=315
-  _globals['_CLAIMDEVICERESPONSE']._serialized_end=355
-  _globals['_LISTMYDEVICESREQUEST']._serialized_start=357
-  _globals['_LISTMYDEVICESREQUEST']._serialized_end=379
-  _globals['_MYDEVICE']._serialized_start=381
-  _globals['_MYDEVICE']._serialized_end=496
-  _globals['_LISTMYDEVICESRESPONSE']._serialized_start=498
-  _globals['_LISTMYDEVICESRESPONSE']._serialized_end=559
-  _globals['_SHAREDEVICEREQUEST']._serialized_start=561
-  _globals['_SHAREDEVICEREQUEST']._serialized_end=638
-  _globals['_SHAREDEVICERESPONSE']._serialized_start=640
-  _globals['_SHAREDEVICERESPONSE']._serialized_end=697
-  _globals['_REVOKESHAREREQUEST']._serialized_start=699
-  _globals['_REVOKESHAREREQUEST']._serialized_end=756
-  _globals['_REVOKESHARERESPONSE']._serialized_start=758
-  _globals['_REVOKESHARERESPONSE']._serialized_end=803
-  _globals['_OPENSESSIONREQUEST']._serialized_start=805
-  _globals['_OPENSESSIONREQUEST']._serialized_end=878
-  _globals['_OPENSESSIONRESPONSE']._serialized_start=880
-  _globals['_OPENSESSIONRESPONSE']._serialized_end=956
-  _globals['_SIGNOUTREQUEST']._serialized_start=958
-  _globals['_SIGNOUTREQUEST']._serialized_end=974
-  _globals['_SIGNOUTRESPONSE']._serialized_start=976
-  _globals['_SIGNOUTRESPONSE']._serialized_end=1017
-  _globals['_APPSERVICE']._serialized_start=1083
-  _globals['_APPSERVICE']._serialized_end=1654
+  _globals['_ROLE']._serialized_start=1790
+  _globals['_ROLE']._serialized_end=1851
+  _globals['_WATCHREQUEST']._serialized_start=58
+  _globals['_WATCHREQUEST']._serialized_end=141
+  _globals['_STREAMEVENT']._serialized_start=144
+  _globals['_STREAMEVENT']._serialized_end=284
+  _globals['_STREAMHELLO']._serialized_start=287
+  _globals['_STREAMHELLO']._serialized_end=433
+  _globals['_STREAMFRAME']._serialized_start=435
+  _globals['_STREAMFRAME']._serialized_end=503
+  _globals['_STREAMEND']._serialized_start=505
+  _globals['_STREAMEND']._serialized_end=532
+  _globals['_LISTACCESSREQUEST']._serialized_start=534
+  _globals['_LISTACCESSREQUEST']._serialized_end=572
+  _globals['_ACCESSENTRY']._serialized_start=575
+  _globals['_ACCESSENTRY']._serialized_end=764
+  _globals['_LISTACCESSRESPONSE']._serialized_start=766
+  _globals['_LISTACCESSRESPONSE']._serialized_end=827
+  _globals['_RENEWAPPCERTIFICATEREQUEST']._serialized_start=829
+  _globals['_RENEWAPPCERTIFICATEREQUEST']._serialized_end=874
+  _globals['_RENEWAPPCERTIFICATERESPONSE']._serialized_start=877
+  _globals['_RENEWAPPCERTIFICATERESPONSE']._serialized_end=1023
+  _globals['_CLAIMDEVICEREQUEST']._serialized_start=1025
+  _globals['_CLAIMDEVICEREQUEST']._serialized_end=1084
+  _globals['_CLAIMDEVICERESPONSE']._serialized_start=1086
+  _globals['_CLAIMDEVICERESPONSE']._serialized_end=1126
+  _globals['_LISTMYDEVICESREQUEST']._serialized_start=1128
+  _globals['_LISTMYDEVICESREQUEST']._serialized_end=1150
+  _globals['_MYDEVICE']._serialized_start=1152
+  _globals['_MYDEVICE']._serialized_end=1267
+  _globals['_LISTMYDEVICESRESPONSE']._serialized_start=1269
+  _globals['_LISTMYDEVICESRESPONSE']._serialized_end=1330
+  _globals['_SHAREDEVICEREQUEST']._serialized_start=1332
+  _globals['_SHAREDEVICEREQUEST']._serialized_end=1409
+  _globals['_SHAREDEVICERESPONSE']._serialized_start=1411
+  _globals['_SHAREDEVICERESPONSE']._serialized_end=1468
+  _globals['_REVOKESHAREREQUEST']._serialized_start=1470
+  _globals['_REVOKESHAREREQUEST']._serialized_end=1527
+  _globals['_REVOKESHARERESPONSE']._serialized_start=1529
+  _globals['_REVOKESHARERESPONSE']._serialized_end=1574
+  _globals['_OPENSESSIONREQUEST']._serialized_start=1576
+  _globals['_OPENSESSIONREQUEST']._serialized_end=1649
+  _globals['_OPENSESSIONRESPONSE']._serialized_start=1651
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=1727
+  _globals['_SIGNOUTREQUEST']._serialized_start=1729
+  _globals['_SIGNOUTREQUEST']._serialized_end=1745
+  _globals['_SIGNOUTRESPONSE']._serialized_start=1747
+  _globals['_SIGNOUTRESPONSE']._serialized_end=1788
+  _globals['_APPSERVICE']._serialized_start=1854
+  _globals['_APPSERVICE']._serialized_end=2560
 # @@protoc_insertion_point(module_scope)

@@ -17,6 +17,92 @@ ROLE_UNSPECIFIED: Role
 ROLE_OWNER: Role
 ROLE_VIEWER: Role
 
+class WatchRequest(_message.Message):
+    __slots__ = ("session_id", "token", "app_ephemeral_public_key")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    APP_EPHEMERAL_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    token: str
+    app_ephemeral_public_key: bytes
+    def __init__(self, session_id: _Optional[str] = ..., token: _Optional[str] = ..., app_ephemeral_public_key: _Optional[bytes] = ...) -> None: ...
+
+class StreamEvent(_message.Message):
+    __slots__ = ("hello", "frame", "end")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    hello: StreamHello
+    frame: StreamFrame
+    end: StreamEnd
+    def __init__(self, hello: _Optional[_Union[StreamHello, _Mapping]] = ..., frame: _Optional[_Union[StreamFrame, _Mapping]] = ..., end: _Optional[_Union[StreamEnd, _Mapping]] = ...) -> None: ...
+
+class StreamHello(_message.Message):
+    __slots__ = ("session_id", "device_id", "device_certificate_chain_pem", "device_ephemeral_public_key", "signature")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_CERTIFICATE_CHAIN_PEM_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_EPHEMERAL_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    device_id: str
+    device_certificate_chain_pem: str
+    device_ephemeral_public_key: bytes
+    signature: bytes
+    def __init__(self, session_id: _Optional[str] = ..., device_id: _Optional[str] = ..., device_certificate_chain_pem: _Optional[str] = ..., device_ephemeral_public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class StreamFrame(_message.Message):
+    __slots__ = ("sequence", "ciphertext", "dropped")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    ciphertext: bytes
+    dropped: int
+    def __init__(self, sequence: _Optional[int] = ..., ciphertext: _Optional[bytes] = ..., dropped: _Optional[int] = ...) -> None: ...
+
+class StreamEnd(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class ListAccessRequest(_message.Message):
+    __slots__ = ("device_id",)
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    def __init__(self, device_id: _Optional[str] = ...) -> None: ...
+
+class AccessEntry(_message.Message):
+    __slots__ = ("session_id", "user_id", "username", "app_id", "app_label", "started_at", "ended_at", "outcome", "reason", "bytes")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    USERNAME_FIELD_NUMBER: _ClassVar[int]
+    APP_ID_FIELD_NUMBER: _ClassVar[int]
+    APP_LABEL_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    user_id: str
+    username: str
+    app_id: str
+    app_label: str
+    started_at: int
+    ended_at: int
+    outcome: str
+    reason: str
+    bytes: int
+    def __init__(self, session_id: _Optional[str] = ..., user_id: _Optional[str] = ..., username: _Optional[str] = ..., app_id: _Optional[str] = ..., app_label: _Optional[str] = ..., started_at: _Optional[int] = ..., ended_at: _Optional[int] = ..., outcome: _Optional[str] = ..., reason: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class ListAccessResponse(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[AccessEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[AccessEntry, _Mapping]]] = ...) -> None: ...
+
 class RenewAppCertificateRequest(_message.Message):
     __slots__ = ("csr_pem",)
     CSR_PEM_FIELD_NUMBER: _ClassVar[int]

@@ -71,6 +71,16 @@ class AppServiceStub:
                 request_serializer=broker_dot_v1_dot_app__pb2.SignOutRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_app__pb2.SignOutResponse.FromString,
                 _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/broker.v1.AppService/Watch',
+                request_serializer=broker_dot_v1_dot_app__pb2.WatchRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_app__pb2.StreamEvent.FromString,
+                _registered_method=True)
+        self.ListAccess = channel.unary_unary(
+                '/broker.v1.AppService/ListAccess',
+                request_serializer=broker_dot_v1_dot_app__pb2.ListAccessRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_app__pb2.ListAccessResponse.FromString,
+                _registered_method=True)
 
 
 class AppServiceServicer:
@@ -120,6 +130,20 @@ class AppServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Watch(self, request, context):
+        """Start the session's stream: a hello from the camera, then its encrypted frames, then an end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAccess(self, request, context):
+        """Owner only: every session ever opened or refused on the device, from the audit trail.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AppServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +181,16 @@ def add_AppServiceServicer_to_server(servicer, server):
                     servicer.SignOut,
                     request_deserializer=broker_dot_v1_dot_app__pb2.SignOutRequest.FromString,
                     response_serializer=broker_dot_v1_dot_app__pb2.SignOutResponse.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=broker_dot_v1_dot_app__pb2.WatchRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_app__pb2.StreamEvent.SerializeToString,
+            ),
+            'ListAccess': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAccess,
+                    request_deserializer=broker_dot_v1_dot_app__pb2.ListAccessRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_app__pb2.ListAccessResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -350,6 +384,60 @@ class AppService:
             '/broker.v1.AppService/SignOut',
             broker_dot_v1_dot_app__pb2.SignOutRequest.SerializeToString,
             broker_dot_v1_dot_app__pb2.SignOutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/broker.v1.AppService/Watch',
+            broker_dot_v1_dot_app__pb2.WatchRequest.SerializeToString,
+            broker_dot_v1_dot_app__pb2.StreamEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAccess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.AppService/ListAccess',
+            broker_dot_v1_dot_app__pb2.ListAccessRequest.SerializeToString,
+            broker_dot_v1_dot_app__pb2.ListAccessResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from broker._proto.broker.v1 import common_pb2 as broker_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62roker/v1/device.proto\x12\tbroker.v1\x1a\x16\x62roker/v1/common.proto\"\x17\n\x15ResetOwnershipRequest\"D\n\x16ResetOwnershipResponse\x12\x12\n\nclaim_code\x18\x01 \x01(\t\x12\x16\n\x0esessions_ended\x18\x02 \x01(\r\"*\n\x17RenewCertificateRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\"\x8f\x01\n\x18RenewCertificateResponse\x12\x1d\n\x15\x63\x65rtificate_chain_pem\x18\x01 \x01(\t\x12,\n\x0ctrust_bundle\x18\x02 \x01(\x0b\x32\x16.broker.v1.TrustBundle\x12\x11\n\tnot_after\x18\x03 \x01(\x03\x12\x13\n\x0brenew_after\x18\x04 \x01(\x03\"e\n\rDeviceMessage\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.broker.v1.HelloH\x00\x12)\n\theartbeat\x18\x02 \x01(\x0b\x32\x14.broker.v1.HeartbeatH\x00\x42\x06\n\x04kind\"?\n\x05Hello\x12\x1c\n\x14trust_bundle_version\x18\x01 \x01(\t\x12\x18\n\x10\x66irmware_version\x18\x02 \x01(\t\";\n\tHeartbeat\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x1c\n\x14trust_bundle_version\x18\x02 \x01(\t\"\xe1\x01\n\rBrokerMessage\x12-\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x19.broker.v1.AttachAcceptedH\x00\x12\x30\n\rheartbeat_ack\x18\x02 \x01(\x0b\x32\x17.broker.v1.HeartbeatAckH\x00\x12;\n\x13trust_bundle_update\x18\x03 \x01(\x0b\x32\x1c.broker.v1.TrustBundleUpdateH\x00\x12*\n\nrenew_soon\x18\x04 \x01(\x0b\x32\x14.broker.v1.RenewSoonH\x00\x42\x06\n\x04kind\"\\\n\x0e\x41ttachAccepted\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x13\n\x0bserver_time\x18\x02 \x01(\x03\x12\"\n\x1aheartbeat_interval_seconds\x18\x03 \x01(\r\" \n\x0cHeartbeatAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"A\n\x11TrustBundleUpdate\x12,\n\x0ctrust_bundle\x18\x01 \x01(\x0b\x32\x16.broker.v1.TrustBundle\"\x1e\n\tRenewSoon\x12\x11\n\tnot_after\x18\x01 \x01(\x03\x32\x85\x02\n\rDeviceService\x12[\n\x10RenewCertificate\x12\".broker.v1.RenewCertificateRequest\x1a#.broker.v1.RenewCertificateResponse\x12@\n\x06\x41ttach\x12\x18.broker.v1.DeviceMessage\x1a\x18.broker.v1.BrokerMessage(\x01\x30\x01\x12U\n\x0eResetOwnership\x12 .broker.v1.ResetOwnershipRequest\x1a!.broker.v1.ResetOwnershipResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62roker/v1/device.proto\x12\tbroker.v1\x1a\x16\x62roker/v1/common.proto\"\x17\n\x15ResetOwnershipRequest\"D\n\x16ResetOwnershipResponse\x12\x12\n\nclaim_code\x18\x01 \x01(\t\x12\x16\n\x0esessions_ended\x18\x02 \x01(\r\"*\n\x17RenewCertificateRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\"\x8f\x01\n\x18RenewCertificateResponse\x12\x1d\n\x15\x63\x65rtificate_chain_pem\x18\x01 \x01(\t\x12,\n\x0ctrust_bundle\x18\x02 \x01(\x0b\x32\x16.broker.v1.TrustBundle\x12\x11\n\tnot_after\x18\x03 \x01(\x03\x12\x13\n\x0brenew_after\x18\x04 \x01(\x03\"\xa9\x02\n\rDeviceMessage\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.broker.v1.HelloH\x00\x12)\n\theartbeat\x18\x02 \x01(\x0b\x32\x14.broker.v1.HeartbeatH\x00\x12\x30\n\rstream_accept\x18\x03 \x01(\x0b\x32\x17.broker.v1.StreamAcceptH\x00\x12\x30\n\rstream_reject\x18\x04 \x01(\x0b\x32\x17.broker.v1.StreamRejectH\x00\x12,\n\x0bmedia_frame\x18\x05 \x01(\x0b\x32\x15.broker.v1.MediaFrameH\x00\x12\x30\n\rstream_closed\x18\x06 \x01(\x0b\x32\x17.broker.v1.StreamClosedH\x00\x42\x06\n\x04kind\"Z\n\x0cStreamAccept\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12#\n\x1b\x64\x65vice_ephemeral_public_key\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"2\n\x0cStreamReject\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"F\n\nMediaFrame\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\"2\n\x0cStreamClosed\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"?\n\x05Hello\x12\x1c\n\x14trust_bundle_version\x18\x01 \x01(\t\x12\x18\n\x10\x66irmware_version\x18\x02 \x01(\t\";\n\tHeartbeat\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x1c\n\x14trust_bundle_version\x18\x02 \x01(\t\"\xbf\x02\n\rBrokerMessage\x12-\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x19.broker.v1.AttachAcceptedH\x00\x12\x30\n\rheartbeat_ack\x18\x02 \x01(\x0b\x32\x17.broker.v1.HeartbeatAckH\x00\x12;\n\x13trust_bundle_update\x18\x03 \x01(\x0b\x32\x1c.broker.v1.TrustBundleUpdateH\x00\x12*\n\nrenew_soon\x18\x04 \x01(\x0b\x32\x14.broker.v1.RenewSoonH\x00\x12.\n\x0cstart_stream\x18\x05 \x01(\x0b\x32\x16.broker.v1.StartStreamH\x00\x12,\n\x0bstop_stream\x18\x06 \x01(\x0b\x32\x15.broker.v1.StopStreamH\x00\x42\x06\n\x04kind\"R\n\x0bStartStream\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12 \n\x18\x61pp_ephemeral_public_key\x18\x03 \x01(\x0c\"0\n\nStopStream\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\\\n\x0e\x41ttachAccepted\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x13\n\x0bserver_time\x18\x02 \x01(\x03\x12\"\n\x1aheartbeat_interval_seconds\x18\x03 \x01(\r\" \n\x0cHeartbeatAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"A\n\x11TrustBundleUpdate\x12,\n\x0ctrust_bundle\x18\x01 \x01(\x0b\x32\x16.broker.v1.TrustBundle\"\x1e\n\tRenewSoon\x12\x11\n\tnot_after\x18\x01 \x01(\x03\x32\x85\x02\n\rDeviceService\x12[\n\x10RenewCertificate\x12\".broker.v1.RenewCertificateRequest\x1a#.broker.v1.RenewCertificateResponse\x12@\n\x06\x41ttach\x12\x18.broker.v1.DeviceMessage\x1a\x18.broker.v1.BrokerMessage(\x01\x30\x01\x12U\n\x0eResetOwnership\x12 .broker.v1.ResetOwnershipRequest\x1a!.broker.v1.ResetOwnershipResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,22 +40,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RENEWCERTIFICATEREQUEST']._serialized_end=198
   _globals['_RENEWCERTIFICATERESPONSE']._serialized_start=201
   _globals['_RENEWCERTIFICATERESPONSE']._serialized_end=344
-  _globals['_DEVICEMESSAGE']._serialized_start=346
-  _globals['_DEVICEMESSAGE']._serialized_end=447
-  _globals['_HELLO']._serialized_start=449
-  _globals['_HELLO']._serialized_end=512
-  _globals['_HEARTBEAT']._serialized_start=514
-  _globals['_HEARTBEAT']._serialized_end=573
-  _globals['_BROKERMESSAGE']._serialized_start=576
-  _globals['_BROKERMESSAGE']._serialized_end=801
-  _globals['_ATTACHACCEPTED']._serialized_start=803
-  _globals['_ATTACHACCEPTED']._serialized_end=895
-  _globals['_HEARTBEATACK']._serialized_start=897
-  _globals['_HEARTBEATACK']._serialized_end=929
-  _globals['_TRUSTBUNDLEUPDATE']._serialized_start=931
-  _globals['_TRUSTBUNDLEUPDATE']._serialized_end=996
-  _globals['_RENEWSOON']._serialized_start=998
-  _globals['_RENEWSOON']._serialized_end=1028
-  _globals['_DEVICESERVICE']._serialized_start=1031
-  _globals['_DEVICESERVICE']._serialized_end=1292
+  _globals['_DEVICEMESSAGE']._serialized_start=347
+  _globals['_DEVICEMESSAGE']._serialized_end=644
+  _globals['_STREAMACCEPT']._serialized_start=646
+  _globals['_STREAMACCEPT']._serialized_end=736
+  _globals['_STREAMREJECT']._serialized_start=738
+  _globals['_STREAMREJECT']._serialized_end=788
+  _globals['_MEDIAFRAME']._serialized_start=790
+  _globals['_MEDIAFRAME']._serialized_end=860
+  _globals['_STREAMCLOSED']._serialized_start=862
+  _globals['_STREAMCLOSED']._serialized_end=912
+  _globals['_HELLO']._serialized_start=914
+  _globals['_HELLO']._serialized_end=977
+  _globals['_HEARTBEAT']._serialized_start=979
+  _globals['_HEARTBEAT']._serialized_end=1038
+  _globals['_BROKERMESSAGE']._serialized_start=1041
+  _globals['_BROKERMESSAGE']._serialized_end=1360
+  _globals['_STARTSTREAM']._serialized_start=1362
+  _globals['_STARTSTREAM']._serialized_end=1444
+  _globals['_STOPSTREAM']._serialized_start=1446
+  _globals['_STOPSTREAM']._serialized_end=1494
+  _globals['_ATTACHACCEPTED']._serialized_start=1496
+  _globals['_ATTACHACCEPTED']._serialized_end=1588
+  _globals['_HEARTBEATACK']._serialized_start=1590
+  _globals['_HEARTBEATACK']._serialized_end=1622
+  _globals['_TRUSTBUNDLEUPDATE']._serialized_start=1624
+  _globals['_TRUSTBUNDLEUPDATE']._serialized_end=1689
+  _globals['_RENEWSOON']._serialized_start=1691
+  _globals['_RENEWSOON']._serialized_end=1721
+  _globals['_DEVICESERVICE']._serialized_start=1724
+  _globals['_DEVICESERVICE']._serialized_end=1985
 # @@protoc_insertion_point(module_scope)

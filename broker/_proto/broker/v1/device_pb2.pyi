@@ -37,12 +37,56 @@ class RenewCertificateResponse(_message.Message):
     def __init__(self, certificate_chain_pem: _Optional[str] = ..., trust_bundle: _Optional[_Union[_common_pb2.TrustBundle, _Mapping]] = ..., not_after: _Optional[int] = ..., renew_after: _Optional[int] = ...) -> None: ...
 
 class DeviceMessage(_message.Message):
-    __slots__ = ("hello", "heartbeat")
+    __slots__ = ("hello", "heartbeat", "stream_accept", "stream_reject", "media_frame", "stream_closed")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    STREAM_ACCEPT_FIELD_NUMBER: _ClassVar[int]
+    STREAM_REJECT_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_FRAME_FIELD_NUMBER: _ClassVar[int]
+    STREAM_CLOSED_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     heartbeat: Heartbeat
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+    stream_accept: StreamAccept
+    stream_reject: StreamReject
+    media_frame: MediaFrame
+    stream_closed: StreamClosed
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., stream_accept: _Optional[_Union[StreamAccept, _Mapping]] = ..., stream_reject: _Optional[_Union[StreamReject, _Mapping]] = ..., media_frame: _Optional[_Union[MediaFrame, _Mapping]] = ..., stream_closed: _Optional[_Union[StreamClosed, _Mapping]] = ...) -> None: ...
+
+class StreamAccept(_message.Message):
+    __slots__ = ("session_id", "device_ephemeral_public_key", "signature")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_EPHEMERAL_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    device_ephemeral_public_key: bytes
+    signature: bytes
+    def __init__(self, session_id: _Optional[str] = ..., device_ephemeral_public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class StreamReject(_message.Message):
+    __slots__ = ("session_id", "reason")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    reason: str
+    def __init__(self, session_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class MediaFrame(_message.Message):
+    __slots__ = ("session_id", "sequence", "ciphertext")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    sequence: int
+    ciphertext: bytes
+    def __init__(self, session_id: _Optional[str] = ..., sequence: _Optional[int] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class StreamClosed(_message.Message):
+    __slots__ = ("session_id", "reason")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    reason: str
+    def __init__(self, session_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("trust_bundle_version", "firmware_version")
@@ -61,16 +105,38 @@ class Heartbeat(_message.Message):
     def __init__(self, sequence: _Optional[int] = ..., trust_bundle_version: _Optional[str] = ...) -> None: ...
 
 class BrokerMessage(_message.Message):
-    __slots__ = ("accepted", "heartbeat_ack", "trust_bundle_update", "renew_soon")
+    __slots__ = ("accepted", "heartbeat_ack", "trust_bundle_update", "renew_soon", "start_stream", "stop_stream")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_ACK_FIELD_NUMBER: _ClassVar[int]
     TRUST_BUNDLE_UPDATE_FIELD_NUMBER: _ClassVar[int]
     RENEW_SOON_FIELD_NUMBER: _ClassVar[int]
+    START_STREAM_FIELD_NUMBER: _ClassVar[int]
+    STOP_STREAM_FIELD_NUMBER: _ClassVar[int]
     accepted: AttachAccepted
     heartbeat_ack: HeartbeatAck
     trust_bundle_update: TrustBundleUpdate
     renew_soon: RenewSoon
-    def __init__(self, accepted: _Optional[_Union[AttachAccepted, _Mapping]] = ..., heartbeat_ack: _Optional[_Union[HeartbeatAck, _Mapping]] = ..., trust_bundle_update: _Optional[_Union[TrustBundleUpdate, _Mapping]] = ..., renew_soon: _Optional[_Union[RenewSoon, _Mapping]] = ...) -> None: ...
+    start_stream: StartStream
+    stop_stream: StopStream
+    def __init__(self, accepted: _Optional[_Union[AttachAccepted, _Mapping]] = ..., heartbeat_ack: _Optional[_Union[HeartbeatAck, _Mapping]] = ..., trust_bundle_update: _Optional[_Union[TrustBundleUpdate, _Mapping]] = ..., renew_soon: _Optional[_Union[RenewSoon, _Mapping]] = ..., start_stream: _Optional[_Union[StartStream, _Mapping]] = ..., stop_stream: _Optional[_Union[StopStream, _Mapping]] = ...) -> None: ...
+
+class StartStream(_message.Message):
+    __slots__ = ("session_id", "token", "app_ephemeral_public_key")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    APP_EPHEMERAL_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    token: str
+    app_ephemeral_public_key: bytes
+    def __init__(self, session_id: _Optional[str] = ..., token: _Optional[str] = ..., app_ephemeral_public_key: _Optional[bytes] = ...) -> None: ...
+
+class StopStream(_message.Message):
+    __slots__ = ("session_id", "reason")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    reason: str
+    def __init__(self, session_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class AttachAccepted(_message.Message):
     __slots__ = ("device_id", "server_time", "heartbeat_interval_seconds")

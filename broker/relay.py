@@ -1,0 +1,258 @@
+"""The relay: moves ciphertext from a camera's Attach stream to the app watching that session.
+
+Asyncio only (no grpc, no protobuf). Rules (I6, I7):
+- a frame is accepted only from the Attach stream whose certificate identity is the session's
+  device; anything else is dropped and raised as an alarm;
+- each watcher has a bounded queue: a slow watcher loses its oldest frames, memory stays flat;
+- a frame for a session nobody watches makes the camera stop that stream;
+- ending a session (revocation, expiry, watcher leaving) wakes its watcher with a reason and
+  stops the camera's stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from broker.clock import Clock, unix
+from broker.errors import FailedPrecondition
+from broker.presence import Presence
+
+DEFAULT_QUEUE_FRAMES = 64
+
+
+@dataclass(frozen=True, slots=True)
+class StartStreamCommand:
+    """Tell a camera to start a session (it verifies the token itself)."""
+
+    session_id: str
+    token: str
+    app_ephemeral: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StopStreamCommand:
+    """Tell a camera to stop sending a session's frames."""
+
+    session_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The camera's signed handshake, plus the certificate chain of the stream that sent it."""
+
+    device_ephemeral: bytes
+    signature: bytes
+    device_chain_pem: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    reason: str
+
+
+class FrameVerdict(enum.Enum):
+    DELIVERED = "delivered"
+    MISROUTED = "misrouted"  # sent by a camera that is not the session's device (alarm)
+    NO_WATCHER = "no_watcher"
+
+
+@dataclass(eq=False)
+class LiveSession:
+    """One watcher's view of one session."""
+
+    session_id: str
+    device_id: str
+    user_id: str
+    app_id: str
+    expires_at: int
+    queue_frames: int = DEFAULT_QUEUE_FRAMES
+    frames: deque[tuple[int, bytes]] = field(init=False)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    handshake: asyncio.Future[Accepted | Rejected] = field(init=False)
+    end_reason: str | None = None
+    bytes_relayed: int = 0
+    frames_relayed: int = 0
+    dropped: int = 0
+
+    def __post_init__(self) -> None:
+        self.frames = deque(maxlen=self.queue_frames)
+        self.handshake = asyncio.get_running_loop().create_future()
+
+    def push(self, sequence: int, ciphertext: bytes) -> None:
+        if len(self.frames) == self.frames.maxlen:
+            self.dropped += 1  # the deque drops the oldest frame
+        self.frames.append((sequence, ciphertext))
+        self.bytes_relayed += len(ciphertext)
+        self.frames_relayed += 1
+        self.wake.set()
+
+    def take(self) -> list[tuple[int, bytes]]:
+        """Everything queued, oldest first."""
+        batch = list(self.frames)
+        self.frames.clear()
+        self.wake.clear()
+        return batch
+
+    @property
+    def ended(self) -> bool:
+        return self.end_reason is not None
+
+
+AlarmSink = Callable[[str, str, str], None]
+
+
+class Relay:
+    """All live sessions of this broker process (lost on restart, by design)."""
+
+    def __init__(
+        self,
+        presence: Presence,
+        clock: Clock,
+        on_alarm: AlarmSink,
+        queue_frames: int = DEFAULT_QUEUE_FRAMES,
+    ) -> None:
+        self._presence = presence
+        self._clock = clock
+        self._on_alarm = on_alarm
+        self._queue_frames = queue_frames
+        self._sessions: dict[str, LiveSession] = {}
+        self._stopped_unknown: set[str] = set()
+
+    # -- watchers --------------------------------------------------------------------------------
+    def open(
+        self, session_id: str, device_id: str, user_id: str, app_id: str, expires_at: int
+    ) -> LiveSession:
+        """Register a watcher for a verified session (one watcher per session)."""
+        if session_id in self._sessions:
+            raise FailedPrecondition("this session is already being watched; open a new session")
+        live = LiveSession(session_id, device_id, user_id, app_id, expires_at, self._queue_frames)
+        self._sessions[session_id] = live
+        return live
+
+    def start(self, live: LiveSession, token: str, app_ephemeral: bytes) -> bool:
+        """Ask the session's camera to start; False when the camera is not attached."""
+        handle = self._presence.handle(live.device_id)
+        if handle is None:
+            return False
+        handle.send(StartStreamCommand(live.session_id, token, app_ephemeral))
+        return True
+
+    def get(self, session_id: str) -> LiveSession | None:
+        return self._sessions.get(session_id)
+
+    def live_count(self) -> int:
+        return len(self._sessions)
+
+    # -- from cameras ------------------------------------------------------------------------
+    def on_accept(self, device_id: str, session_id: str, accepted: Accepted) -> FrameVerdict:
+        return self._handshake(device_id, session_id, accepted)
+
+    def on_reject(self, device_id: str, session_id: str, reason: str) -> FrameVerdict:
+        return self._handshake(device_id, session_id, Rejected(reason[:200]))
+
+    def _handshake(
+        self, device_id: str, session_id: str, outcome: Accepted | Rejected
+    ) -> FrameVerdict:
+        live = self._sessions.get(session_id)
+        if live is None:
+            return FrameVerdict.NO_WATCHER
+        if live.device_id != device_id:
+            self._on_alarm(
+                device_id, session_id, "handshake from a device that is not the session's"
+            )
+            return FrameVerdict.MISROUTED
+        if not live.handshake.done():
+            live.handshake.set_result(outcome)
+        return FrameVerdict.DELIVERED
+
+    def on_frame(
+        self, device_id: str, session_id: str, sequence: int, ciphertext: bytes
+    ) -> FrameVerdict:
+        """Route one frame from the Attach stream of device_id (its certificate identity, I6)."""
+        live = self._sessions.get(session_id)
+        if live is None or live.ended:
+            if session_id not in self._stopped_unknown:
+                self._stopped_unknown.add(session_id)
+                handle = self._presence.handle(device_id)
+                if handle is not None:
+                    handle.send(StopStreamCommand(session_id, "nobody is watching this session"))
+            return FrameVerdict.NO_WATCHER
+        if live.device_id != device_id:
+            self._on_alarm(device_id, session_id, "frame from a device that is not the session's")
+            return FrameVerdict.MISROUTED
+        live.push(sequence, ciphertext)
+        return FrameVerdict.DELIVERED
+
+    def on_closed(self, device_id: str, session_id: str, reason: str) -> None:
+        live = self._sessions.get(session_id)
+        if live is not None and live.device_id == device_id:
+            self._finish(live, f"camera closed the stream: {reason}"[:200], notify_device=False)
+
+    def on_device_gone(self, device_id: str) -> None:
+        """The camera's Attach stream ended: its sessions cannot continue."""
+        for live in [s for s in self._sessions.values() if s.device_id == device_id]:
+            self._finish(live, "camera disconnected", notify_device=False)
+
+    # -- teardown ----------------------------------------------------------------------------
+    def end(self, session_id: str, reason: str) -> bool:
+        live = self._sessions.get(session_id)
+        if live is None:
+            return False
+        self._finish(live, reason, notify_device=True)
+        return True
+
+    def end_many(self, session_ids: list[str], reason: str) -> int:
+        return sum(self.end(sid, reason) for sid in session_ids)
+
+    def end_where(
+        self, reason: str, *, device_id: str = "", user_id: str = "", app_id: str = ""
+    ) -> list[str]:
+        """End every live session matching all given fields; returns their ids."""
+        hit = [
+            s
+            for s in self._sessions.values()
+            if (not device_id or s.device_id == device_id)
+            and (not user_id or s.user_id == user_id)
+            and (not app_id or s.app_id == app_id)
+        ]
+        for live in hit:
+            self._finish(live, reason, notify_device=True)
+        return [s.session_id for s in hit]
+
+    def detach(self, live: LiveSession) -> None:
+        """The watcher's RPC is over: forget the session, stop the camera if still streaming."""
+        if not live.ended:
+            self._finish(live, "watcher left", notify_device=True)
+        if self._sessions.get(live.session_id) is live:
+            del self._sessions[live.session_id]
+
+    def _finish(self, live: LiveSession, reason: str, *, notify_device: bool) -> None:
+        if live.ended:
+            return
+        live.end_reason = reason
+        live.wake.set()
+        if not live.handshake.done():
+            live.handshake.set_result(Rejected(reason))
+        if notify_device:
+            handle = self._presence.handle(live.device_id)
+            if handle is not None:
+                handle.send(StopStreamCommand(live.session_id, reason))
+
+    def expire(self) -> list[str]:
+        """End sessions whose token has expired (I7); returns their ids."""
+        now = unix(self._clock.now())
+        expired = [s for s in self._sessions.values() if not s.ended and s.expires_at <= now]
+        for live in expired:
+            self._finish(live, "session token expired", notify_device=True)
+        return [s.session_id for s in expired]
+
+    async def run_expiry(self, interval: float = 0.2) -> None:
+        """Background task: expire sessions every interval seconds."""
+        while True:
+            await asyncio.sleep(interval)
+            self.expire()
