@@ -6,7 +6,7 @@ BROKER := $(VENV)/bin/broker
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run test lint proto certs enroll-token factory-batch revoke-device devices audit-verify bench clean
+.PHONY: help venv run demo test lint proto certs enroll-token factory-batch revoke-device devices audit-verify bench clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -21,6 +21,9 @@ venv: $(STAMP) ## create .venv and install the broker with dev extras
 
 run: $(STAMP) ## serve on 127.0.0.1:8444 (bootstrap), :8443 (main), :8445 (factory); creates the dev PKI first
 	$(BROKER) serve --init-pki
+
+demo: $(STAMP) ## the whole story in one process: enroll, claim, share, watch, stranger denied, revoke live, access log
+	$(PY) -m broker.demo
 
 test: $(STAMP) ## lint, type-check, then the whole test suite
 	$(PY) -m ruff check broker tests bench tools

@@ -18,6 +18,10 @@ bottleneck shows. It ends by checking the store: one certificate row per success
     .venv/bin/python bench/enroll.py            # full: 5 runs x 2000 reused, 5 x 500 new-conn
     .venv/bin/python bench/enroll.py --quick    # < 60 s
     .venv/bin/python bench/enroll.py --profile /tmp/prof   # extra py-spy runs, not timed
+
+What-if flags (--server-sync, --inline-core, --group-commit, --workers, --switch-interval) change
+only the bench's broker process, never broker/: they exist to measure a proposed change before
+anyone makes it, and the output says WHAT-IF when one is on.
 """
 
 from __future__ import annotations
