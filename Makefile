@@ -6,7 +6,7 @@ BROKER := $(VENV)/bin/broker
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run demo test lint proto certs enroll-token factory-batch revoke-device devices audit-verify bench clean
+.PHONY: help venv run demo test lint proto certs enroll-token factory-batch revoke-device revoke-app devices audit-verify crl rotate-server-cert rotate-intermediate rotate-root retire-root rotate-token-key rotation-status bench clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -51,6 +51,31 @@ factory-batch: $(STAMP) ## N=<n>: birth certificates for n simulated cameras in 
 revoke-device: $(STAMP) ## DEVICE=<id> [REASON=...]: revoke via the running broker; ends its streams
 	@test -n "$(DEVICE)" || { echo "usage: make revoke-device DEVICE=<device_id>" >&2; exit 2; }
 	@$(BROKER) admin revoke-device "$(DEVICE)" --reason "$(or $(REASON),operator request)"
+
+revoke-app: $(STAMP) ## APP=<app_id> [REASON=...]: revoke an app instance via the running broker
+	@test -n "$(APP)" || { echo "usage: make revoke-app APP=<app_id>" >&2; exit 2; }
+	@$(BROKER) admin revoke-app "$(APP)" --reason "$(or $(REASON),operator request)"
+
+crl: $(STAMP) ## write certs/crl.pem (one CRL per trusted issuing CA)
+	@$(BROKER) ca crl
+
+rotate-server-cert: $(STAMP) ## new broker certificate, picked up without a restart
+	@$(BROKER) ca rotate-server-cert
+
+rotate-intermediate: $(STAMP) ## new issuing CA under the same root; the old one stays trusted
+	@$(BROKER) ca rotate-intermediate
+
+rotate-root: $(STAMP) ## new root cross-signed by the old; bundle with both pushed to cameras
+	@$(BROKER) ca rotate-root
+
+retire-root: $(STAMP) ## [FORCE=1] drop the old root; refuses while cameras lag
+	@$(BROKER) ca retire-root $(if $(FORCE),--force,)
+
+rotate-token-key: $(STAMP) ## new session-token signing key; old key published until its tokens expire
+	@$(BROKER) ca rotate-token-key
+
+rotation-status: $(STAMP) ## how many cameras hold the current trust bundle
+	@$(BROKER) ca rotation-status
 
 devices: $(STAMP) ## list devices with state and online status
 	@$(BROKER) device list

@@ -1,5 +1,7 @@
 """Helpers shared by the benchmarks: config, percentiles, CPU accounting, a timed core executor,
-a group-commit what-if for the SQLite store, and py-spy profile summaries.
+a group-commit what-if for the SQLite store, and py-spy profile summaries; for the stream benches
+(relay.py, storm.py) also a broker child process that can be killed and restarted on the same ports,
+fast in-process provisioning of cameras and owners, and in-memory SDK clients with stamped frames.
 
 bench/enroll.py predates this module and keeps its own copies; new benchmarks import from here.
 Nothing here changes the broker: what-ifs patch one store object inside the bench's own process.
@@ -7,9 +9,14 @@ Nothing here changes the broker: what-ifs patch one store object inside the benc
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
+import multiprocessing as mp
 import os
 import queue
+import random
+import resource
 import shutil
 import statistics
 import sys
@@ -21,6 +28,10 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from broker.config import Config
 from broker.store.sqlite import SqliteStore, SqliteTransaction
@@ -344,3 +355,416 @@ def summarize_profile(raw: Path, top: int = 12, threads_shown: int = 4) -> None:
             print(f"      incl {100 * n / total:5.1f}%  {frame}")
         for frame, n in leaves[thread].most_common(6):
             print(f"      self {100 * n / total:5.1f}%  {frame}")
+
+
+# ---------------------------------------------------------------------------------------------
+# stream benches (relay.py, storm.py): processes
+# ---------------------------------------------------------------------------------------------
+def raise_nofile() -> int:
+    """Raise this process's open-file limit to the hard limit (thousands of TLS connections)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def pid_cpu(pid: int) -> float:
+    """utime + stime of a process (seconds), any process of this user; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / float(os.sysconf("SC_CLK_TCK"))
+
+
+def pid_memory(pid: int) -> dict[str, int]:
+    """VmHWM (peak resident) and VmRSS of a process, in KiB; empty if it is gone."""
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmHWM", "VmRSS"):
+                    out[key] = int(value.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def serve_broker(home: str, conn: Any, overrides: dict[str, Any]) -> None:
+    """Broker child process: the broker as shipped (its one core thread counted by TimedExecutor);
+    answers "stats" and "stop" over the pipe. Killing the process is an outage."""
+    raise_nofile()
+    asyncio.run(_serve_broker(Path(home), conn, overrides))
+
+
+async def _serve_broker(home: Path, conn: Any, overrides: dict[str, Any]) -> None:
+    from broker.service.server import BrokerServer
+
+    server = BrokerServer(bench_config(home, **overrides))
+    core = TimedExecutor()
+    server.runtime.executor.shutdown()
+    server.runtime.executor = core
+    ports = await server.start()
+    conn.send(("ready", os.getpid(), ports, time.monotonic()))
+    loop = asyncio.get_running_loop()
+    while True:
+        command = await loop.run_in_executor(None, conn.recv)
+        if command == "stats":
+            conn.send({
+                "cpu": process_cpu(),
+                "threads": thread_cpu(),
+                "core_calls": core.calls,
+                "core_busy": core.busy,
+                "core_waited": core.waited,
+                "online": server.runtime.presence.online_count(),
+                "live_sessions": server.runtime.relay.live_count(),
+                **pid_memory(os.getpid()),
+            })
+        elif command == "stop":
+            break
+    await server.stop(0.5)
+    conn.send("stopped")
+
+
+class BrokerChild:
+    """A broker in its own spawned process (own GIL). ports=None binds every listener to port 0;
+    pass the ports of a previous broker to restart on the same addresses."""
+
+    def __init__(self, home: Path, overrides: dict[str, Any] | None = None,
+                 ports: dict[str, int] | None = None) -> None:
+        overrides = dict(overrides or {})
+        if ports:
+            for name in ("bootstrap", "main", "factory"):
+                overrides[f"{name}_address"] = f"127.0.0.1:{ports[name]}"
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self.spawned_at = time.monotonic()
+        self.proc = ctx.Process(target=serve_broker, args=(str(home), child, overrides),
+                                name="broker", daemon=True)
+        self.proc.start()
+        deadline = time.monotonic() + 120
+        while not self._conn.poll(0.05):
+            if not self.proc.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("broker process did not start (see its traceback above)")
+        _, self.pid, self.ports, self.ready_at = self._conn.recv()
+
+    @property
+    def main(self) -> str:
+        return f"127.0.0.1:{self.ports['main']}"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.ports['bootstrap']}"
+
+    def stats(self) -> dict[str, Any]:
+        self._conn.send("stats")
+        if not self._conn.poll(60):
+            raise RuntimeError("broker did not answer stats")
+        stats: dict[str, Any] = self._conn.recv()
+        return stats
+
+    def kill(self) -> None:
+        """SIGKILL: an outage, nothing is flushed or closed gracefully."""
+        self.proc.kill()
+        self.proc.join(10)
+
+    def stop(self) -> None:
+        if not self.proc.is_alive():
+            return
+        with contextlib.suppress(OSError, EOFError, BrokenPipeError):
+            self._conn.send("stop")
+            if self._conn.poll(30):
+                self._conn.recv()
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+# ---------------------------------------------------------------------------------------------
+# stream benches: provisioning before the broker starts (core API, no gRPC)
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class CameraCredentials:
+    device_id: str
+    key_pem: bytes
+    chain_pem: bytes
+    not_after: int
+    renew_after: int
+
+
+@dataclasses.dataclass(frozen=True)
+class AppCredentials:
+    """One app instance of one owner, and the camera that owner claimed (the one it watches)."""
+
+    username: str
+    user_id: str
+    app_id: str
+    spiffe_id: str
+    key_pem: bytes
+    chain_pem: bytes
+    not_after: int
+    renew_after: int
+    device_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientTrust:
+    """What an SDK client holds after enrollment: roots, issuing CAs, token JWKS, bundle version."""
+
+    ca_pem: bytes
+    issuing_pem: str
+    jwks_json: str
+    version: str
+    issuer: str
+    trust_domain: str
+
+
+class _FixedHasher:
+    """Setup fake for PasswordHasher: every bench account gets one precomputed (real) hash."""
+
+    def __init__(self, config: Config) -> None:
+        from broker.passwords import PasswordHasher
+
+        self._real = PasswordHasher(config)
+        self._hash = self._real.hash(BENCH_PASSWORD)
+
+    def hash(self, _password: str) -> str:
+        return self._hash
+
+    def verify(self, stored_hash: str | None, password: str) -> bool:
+        return self._real.verify(stored_hash, password)
+
+
+BENCH_PASSWORD = "bench-password-long-enough-0123"
+
+
+def provision(config: Config, cameras: int, owners: int,
+              progress: Callable[[str], None] | None = None
+              ) -> tuple[list[CameraCredentials], list[AppCredentials], ClientTrust]:
+    """Cameras and owners, made with the core API on the broker's database before it starts.
+
+    Every camera enrolls with a one-time token and a key made "on the device"
+    (DeviceAuthority.enroll_with_token: CSR check, issuance, store rows, audit). The first
+    ``owners`` cameras each get an owner account with one app instance (Accounts) that claims the
+    camera with its claim code (Ownership). Only this setup connection runs with
+    synchronous=OFF; the broker opens its own connection (FULL) later.
+    """
+    from broker.accounts import Accounts
+    from broker.ca import load_authority, new_key
+    from broker.client.device import make_csr
+    from broker.clock import SystemClock, unix
+    from broker.devices import DeviceAuthority
+    from broker.identity import operator
+    from broker.ownership import Ownership
+    from broker.tokens import load_keyring
+    from broker.trust import load_trust_bundle
+
+    clock = SystemClock()
+    store = SqliteStore(config.database)
+    store._conn.execute("PRAGMA synchronous = OFF")
+    pem = serialization.Encoding.PEM
+    pkcs8 = serialization.PrivateFormat.PKCS8
+    plain = serialization.NoEncryption()
+    try:
+        ca = load_authority(config, clock)
+        authority = DeviceAuthority(config, ca, store, clock)
+        actor = operator(config.trust_domain, "bench")
+        width = max(5, len(str(cameras - 1)))
+        cams: list[CameraCredentials] = []
+        claim_codes: list[str] = []
+        for i in range(cameras):
+            device_id = f"cam-{i:0{width}d}"
+            key = new_key()
+            token = authority.create_enrollment_token(actor, device_id).token
+            enrolled = authority.enroll_with_token(make_csr(key), token)
+            issued = enrolled.issued
+            cams.append(CameraCredentials(
+                device_id, key.private_bytes(pem, pkcs8, plain), issued.chain_pem.encode(),
+                unix(issued.not_after), unix(issued.renew_after)))
+            claim_codes.append(enrolled.claim_code)
+            if progress and (i + 1) % 2000 == 0:
+                progress(f"{i + 1} cameras enrolled")
+        accounts = Accounts(config, ca, store, clock, _FixedHasher(config))  # type: ignore[arg-type]
+        ownership = Ownership(config, store, clock)
+        apps: list[AppCredentials] = []
+        for i in range(owners):
+            username = f"owner{i:0{width}d}"
+            accounts.create_account(username, BENCH_PASSWORD)
+            with store.read() as tx:
+                user = tx.get_user_by_username(username)
+            assert user is not None
+            key = new_key()
+            app = accounts.issue_app_certificate(user, make_csr(key), "bench phone")
+            ownership.claim(app.identity, cams[i].device_id, claim_codes[i])
+            apps.append(AppCredentials(
+                username, user.user_id, app.identity.app_id, app.identity.spiffe_id,
+                key.private_bytes(pem, pkcs8, plain), app.issued.chain_pem.encode(),
+                unix(app.issued.not_after), unix(app.issued.renew_after), cams[i].device_id))
+        bundle = load_trust_bundle(config, load_keyring(config.certs_dir).jwks_json())
+        trust = ClientTrust(bundle.ca_certificates_pem.encode(), bundle.issuing_certificates_pem,
+                            bundle.jwks_json, bundle.version, config.broker_spiffe_id,
+                            config.trust_domain)
+        return cams, apps, trust
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# stream benches: the SDK clients, identities held in memory instead of state directories
+# ---------------------------------------------------------------------------------------------
+def _sdk() -> Any:
+    """The SDK modules, imported lazily so that importing bench._common stays light."""
+    import broker.client.app as app_sdk
+    import broker.client.device as device_sdk
+    import broker.client.simcam as simcam
+
+    return app_sdk, device_sdk, simcam
+
+
+def stamped_payload(device_id: str, session_id: str, sequence: int, stamp_ns: int,
+                    size: int) -> bytes:
+    """simcam.frame_payload with a CLOCK_MONOTONIC stamp (ns) as the first padding field:
+    ``device_id|session_id|sequence|stamp|....``; simcam.parse_payload still reads it."""
+    head = f"{device_id}|{session_id}|{sequence}|{stamp_ns}|".encode()
+    return head + b"." * max(0, size - len(head))
+
+
+def parse_stamp(plaintext: bytes) -> int:
+    """The monotonic stamp (ns) stamped_payload wrote."""
+    return int(plaintext.split(b"|", 4)[3])
+
+
+def backoff_delay(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**(attempt-1)))."""
+    return random.uniform(0, min(cap, base * 2 ** max(0, attempt - 1)))
+
+
+def make_device_client(cred: CameraCredentials, main: str, trust: ClientTrust,
+                       verifier: Any) -> Any:
+    """A DeviceClient (SDK) holding its enrolled identity in memory: attach, the stream
+    handshake and frame sealing are the SDK's own code; only file reads are replaced."""
+    _, device_sdk, _ = _sdk()
+    from broker.identity import device
+
+    class MemoryDeviceClient(device_sdk.DeviceClient):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:  # no state directory
+            self.endpoints = device_sdk.Endpoints("", main)
+            spiffe_id = device(trust.trust_domain, cred.device_id).spiffe_id
+            self._state = device_sdk.DeviceState(cred.device_id, spiffe_id, cred.not_after,
+                                                 cred.renew_after, trust.version)
+            self._verifier = device_sdk.DeviceTokenVerifier(verifier, spiffe_id)
+            self._key: Any = None
+
+        @property
+        def state(self) -> Any:
+            return self._state
+
+        def channel(self) -> grpc.aio.Channel:
+            from broker.client.channels import mtls_channel
+
+            return mtls_channel(main, trust.ca_pem, cred.key_pem, cred.chain_pem)
+
+        def token_verifier(self, clock: Any = None) -> Any:
+            return self._verifier
+
+        def private_key(self) -> Any:
+            if self._key is None:
+                self._key = serialization.load_pem_private_key(cred.key_pem, None)
+            return self._key
+
+        def save_trust_bundle(self, bundle: Any) -> None:
+            return None
+
+    return MemoryDeviceClient()
+
+
+def make_app_client(cred: AppCredentials, main: str, trust: ClientTrust, trust_path: Path) -> Any:
+    """An AppClient (SDK) with its identity in memory; open_session, watch and the hello/frame
+    verification are the SDK's own code. trust_path: a bundle file written by write_trust_file."""
+    app_sdk, _, _ = _sdk()
+    leaf = x509.load_pem_x509_certificate(cred.chain_pem)
+    from broker.tokens import cert_thumbprint
+
+    thumb = cert_thumbprint(leaf.public_bytes(serialization.Encoding.DER))
+
+    class MemoryAppClient(app_sdk.AppClient):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:  # no state directory
+            self.endpoints = app_sdk.Endpoints("", main)
+            self.dir = trust_path.parent
+            self._state = app_sdk.AppState(cred.user_id, cred.app_id, cred.spiffe_id,
+                                           cred.not_after, cred.renew_after)
+
+        @property
+        def state(self) -> Any:
+            return self._state
+
+        @property
+        def trust_path(self) -> Path:
+            return trust_path
+
+        def channel(self) -> grpc.aio.Channel:
+            from broker.client.channels import mtls_channel
+
+            return mtls_channel(main, trust.ca_pem, cred.key_pem, cred.chain_pem)
+
+        def thumbprint(self) -> str:
+            return thumb
+
+    return MemoryAppClient()
+
+
+def write_trust_file(path: Path, trust: ClientTrust) -> Path:
+    """The SDK's on-disk trust bundle (what enrollment would have saved)."""
+    from broker._proto.broker.v1 import common_pb2
+    from broker.client.bundle import save_bundle
+
+    save_bundle(path, common_pb2.TrustBundle(
+        ca_certificates_pem=trust.ca_pem.decode(), issuing_certificates_pem=trust.issuing_pem,
+        jwks_json=trust.jwks_json, version=trust.version))
+    return path
+
+
+def token_verifier(trust: ClientTrust) -> Any:
+    """One TokenVerifier (stateless) shared by every camera of a process."""
+    from broker.clock import SystemClock
+    from broker.tokens import TokenVerifier
+
+    return TokenVerifier(trust.jwks_json, trust.issuer, SystemClock())
+
+
+def stamped_camera(client: Any, fps: float, frame_bytes: int) -> Any:
+    """simcam.SimulatedCamera whose frames carry a monotonic stamp taken just before the frame is
+    handed to the SDK (AttachSession.send_frame seals and writes it), sent on a fixed schedule
+    (no drift); ``late`` collects how late each frame left versus its schedule (seconds): when
+    that grows, the client process itself is saturated."""
+    _, _, simcam = _sdk()
+
+    class StampedCamera(simcam.SimulatedCamera):  # type: ignore[misc, name-defined]
+        late: list[float]
+
+        async def _stream(self, session: Any, stream: Any) -> None:
+            interval = 1.0 / self.fps
+            device_id = self.client.state.device_id
+            due = time.monotonic()
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                while True:
+                    now = time.monotonic()
+                    self.late.append(now - due)
+                    sequence = stream.sealer.sequence + 1
+                    await session.send_frame(stream, stamped_payload(
+                        device_id, stream.session_id, sequence, time.monotonic_ns(),
+                        self.frame_bytes))
+                    self.stats.frames_sent += 1
+                    due += interval
+                    delay = due - time.monotonic()
+                    if delay < -interval:  # more than a frame behind: skip, do not burst
+                        due = time.monotonic()
+                        delay = 0.0
+                    await asyncio.sleep(max(0.0, delay))
+
+    camera = StampedCamera(client, fps=fps, frame_bytes=frame_bytes)
+    camera.late = []
+    return camera

@@ -21,6 +21,7 @@ from broker.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     PermissionDenied,
     Unauthenticated,
 )
@@ -204,9 +205,24 @@ class Accounts:
                 not_after=unix(issued.not_after),
                 status=CertStatus.ACTIVE,
                 issued_at=self._now(),
+                issuer_ski=issued.issuer_ski,
             )
         )
         return issued
+
+    def revoke_app_by_id(self, actor: Identity, app_id: str, reason: str) -> tuple[str, list[str]]:
+        """Operator revocation of an app instance by id; returns (user_id, ended session ids)."""
+        from broker.identity import ID_PATTERN
+
+        if not ID_PATTERN.fullmatch(app_id):
+            raise InvalidArgument("app_id must be 3-64 characters of a-z, 0-9 and '-'")
+        with self._store.read() as tx:
+            app = tx.get_app(app_id)
+        if app is None:
+            raise NotFound(f"no app instance {app_id}")
+        return app.user_id, self.revoke_app(
+            actor, app.user_id, app_id, reason or "revoked by operator"
+        )
 
     def revoke_app(self, actor: Identity, user_id: str, app_id: str, reason: str) -> list[str]:
         """Revoke an app instance and its certificates; returns the ended session ids."""

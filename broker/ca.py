@@ -113,6 +113,7 @@ class IssuedCertificate:
     not_before: dt.datetime
     not_after: dt.datetime
     renew_after: dt.datetime
+    issuer_ski: str
 
     @property
     def fingerprint(self) -> str:
@@ -137,6 +138,20 @@ def serial_hex(serial: int) -> str:
 def fingerprint(cert: x509.Certificate) -> str:
     """Hex SHA-256 of the certificate's DER: its thumbprint (RFC 8705 x5t#S256 uses the same hash)."""
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def subject_key_id(cert: x509.Certificate) -> str:
+    """Hex SubjectKeyIdentifier of a CA certificate."""
+    return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+
+
+def authority_key_id(cert: x509.Certificate) -> str:
+    """Hex AuthorityKeyIdentifier of a certificate (its issuer's SKI), or empty."""
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return ""
+    return aki.key_identifier.hex() if aki.key_identifier else ""
 
 
 def _name(common_name: str, *, serial_number: str | None = None) -> x509.Name:
@@ -300,6 +315,17 @@ class IssuingAuthority:
     def certificate(self) -> x509.Certificate:
         return self._cert
 
+    def replace(self, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
+        """Switch to a rotated issuing CA (the broker reloads after `make rotate-intermediate`)."""
+        self._key, self._cert = key, cert
+        self._cert_pem = cert_pem(cert).decode("ascii")
+        self._aki = _aki(cert)
+
+    @property
+    def ski(self) -> str:
+        """Hex subject key identifier of this CA (recorded with each certificate it issues)."""
+        return subject_key_id(self._cert)
+
     def issue(
         self,
         public_key: PublicKey,
@@ -347,7 +373,7 @@ class IssuingAuthority:
         )
         chain = cert_pem(cert).decode("ascii") + self._cert_pem
         return IssuedCertificate(
-            cert, chain, serial_hex(serial), not_before, not_after, renew_after
+            cert, chain, serial_hex(serial), not_before, not_after, renew_after, self.ski
         )
 
 

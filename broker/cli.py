@@ -17,6 +17,7 @@ from broker.client.admin import AdminClient, OperatorCredentials
 from broker.clock import SystemClock
 from broker.config import Config, from_environment
 from broker.errors import BrokerError
+from broker.rotation import RotationReport
 
 log = logging.getLogger("broker")
 
@@ -52,28 +53,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _init(config: Config) -> int:
+def _register_offline(config: Config, actor: str) -> None:
+    """Tell the store about operator/broker certificates made offline (else they are refused)."""
+    from broker.ca import load_authority
     from broker.devices import DeviceAuthority
-    from broker.identity import from_certificate
     from broker.store.sqlite import SqliteStore
 
-    report = init_pki(config, SystemClock())
     store = SqliteStore(config.database)
     try:
-        from broker.ca import load_authority
-
-        devices = DeviceAuthority(
-            config, load_authority(config, SystemClock()), store, SystemClock()
-        )
-        for issued in (report.server, report.operator):
-            if issued is not None:
-                devices.register_local_certificate(
-                    from_certificate(issued.certificate, config.trust_domain),
-                    issued.certificate,
-                    "broker ca init",
-                )
+        clock = SystemClock()
+        devices = DeviceAuthority(config, load_authority(config, clock), store, clock)
+        devices.register_offline_certificates(PkiFiles(config.certs_dir), actor)
     finally:
         store.close()
+
+
+def _init(config: Config) -> int:
+    report = init_pki(config, SystemClock())
+    _register_offline(config, "broker ca init")
     if report.created:
         for path in report.created:
             print(f"created {path}")
@@ -150,6 +147,146 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def _audit_local(config: Config, action: str, detail: dict[str, object]) -> None:
+    """Offline rotations are audited in the same hash chain as everything else (I12)."""
+    import getpass
+
+    from broker.audit import AuditEvent
+    from broker.store.sqlite import SqliteStore
+
+    store = SqliteStore(config.database)
+    try:
+        with store.transaction() as tx:
+            tx.append_audit(
+                AuditEvent(f"cli:{getpass.getuser()}", action, "pki", detail),
+                int(SystemClock().now().timestamp() * 1000),
+            )
+    finally:
+        store.close()
+
+
+def _reload_broker(admin: AdminClient) -> None:
+    """Ask a running broker to pick up certs/ changes; say so if none is running."""
+    try:
+        with admin:
+            response = admin.reload_pki()
+    except grpc.RpcError as error:
+        if error.code() is grpc.StatusCode.UNAVAILABLE:
+            print("broker not reachable: it will use the new material when it next starts")
+            return
+        raise
+    print(
+        f"broker reloaded: trust bundle {response.trust_bundle_version} "
+        f"({'changed' if response.bundle_changed else 'unchanged'}), "
+        f"pushed to {response.cameras_notified} attached camera(s); "
+        f"issuing CA serial {response.issuing_ca_serial}"
+    )
+
+
+def _rotation(args: argparse.Namespace, run: Callable[[Config], RotationReport]) -> int:
+    config = _config(args)
+    # Credentials are read before the rotation: the broker trusts the current operator
+    # certificate until it reloads, and may not yet trust one the rotation issues.
+    admin = _admin(args)
+    report = run(config)
+    _register_offline(config, f"broker ca {args.ca_command}")
+    _audit_local(config, report.action, report.details)
+    print(f"{report.action}:")
+    for key, value in report.details.items():
+        print(f"  {key}: {value}")
+    _reload_broker(admin)
+    print(f"next: {report.next_step}")
+    return 0
+
+
+def cmd_rotate_server_cert(args: argparse.Namespace) -> int:
+    from broker.rotation import rotate_server_cert
+
+    return _rotation(args, lambda c: rotate_server_cert(c, SystemClock()))
+
+
+def cmd_rotate_intermediate(args: argparse.Namespace) -> int:
+    from broker.rotation import rotate_intermediate
+
+    return _rotation(args, lambda c: rotate_intermediate(c, SystemClock()))
+
+
+def cmd_rotate_root(args: argparse.Namespace) -> int:
+    from broker.rotation import rotate_root
+
+    return _rotation(args, lambda c: rotate_root(c, SystemClock()))
+
+
+def cmd_rotate_token_key(args: argparse.Namespace) -> int:
+    from broker.rotation import rotate_token_key
+
+    return _rotation(args, lambda c: rotate_token_key(c, SystemClock()))
+
+
+def cmd_retire_root(args: argparse.Namespace) -> int:
+    from broker.rotation import retire_root
+    from broker.store.sqlite import SqliteStore
+    from broker.tokens import load_keyring
+    from broker.trust import load_trust_bundle
+
+    def run(config: Config) -> RotationReport:
+        version = load_trust_bundle(config, load_keyring(config.certs_dir).jwks_json()).version
+        store = SqliteStore(config.database)
+        try:
+            return retire_root(config, store, version, force=args.force)
+        finally:
+            store.close()
+
+    return _rotation(args, run)
+
+
+def cmd_crl(args: argparse.Namespace) -> int:
+    from broker.crl import build_crls, crls_pem
+    from broker.pemfile import write_atomic
+    from broker.store.sqlite import SqliteStore
+
+    config = _config(args)
+    files = PkiFiles(config.certs_dir)
+    store = SqliteStore(config.database)
+    try:
+        crls = build_crls(files, store, SystemClock())
+    finally:
+        store.close()
+    path = files.root / "crl.pem"
+    write_atomic(path, crls_pem(crls).encode("ascii"))
+    entries = sum(len(list(c)) for c in crls)
+    _audit_local(config, "pki.crl_published", {"crls": len(crls), "entries": entries})
+    print(f"wrote {path}: {len(crls)} CRL(s), {entries} revoked certificate(s) not yet expired")
+    print("next: publish it to relying parties; the broker also serves it (Bootstrap.GetCRL)")
+    return 0
+
+
+def cmd_rotation_status(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        s = admin.rotation_status()
+    print(f"trust bundle version      {s.trust_bundle_version}")
+    print(f"root rotation pending     {'yes' if s.root_rotation_pending else 'no'}")
+    print(f"active cameras            {s.active_devices} ({s.online_devices} online)")
+    print(
+        f"holding current bundle    {s.devices_with_current_bundle} "
+        f"({s.online_with_current_bundle} online)"
+    )
+    if s.lagging_device_ids:
+        print(f"lagging                   {', '.join(s.lagging_device_ids)}")
+    return 0
+
+
+def cmd_revoke_app(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        response = admin.revoke_app(args.app_id, args.reason)
+    print(
+        f"revoked app instance {response.app_id} of user {response.user_id}; "
+        f"{response.sessions_ended} session(s) ended"
+    )
+    print("next: the app must log in again (EnrollApp) to get a new instance certificate")
+    return 0
+
+
 def cmd_factory_batch(args: argparse.Namespace) -> int:
     from broker.factory import make_batch
 
@@ -176,6 +313,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     ca = sub.add_parser("ca", help="PKI").add_subparsers(dest="ca_command", required=True)
     ca.add_parser("init", help="create the dev PKI (idempotent)").set_defaults(func=cmd_ca_init)
+    for name, func, text in (
+        ("rotate-server-cert", cmd_rotate_server_cert, "new broker certificate, no restart"),
+        ("rotate-intermediate", cmd_rotate_intermediate, "new issuing CA under the same root"),
+        ("rotate-root", cmd_rotate_root, "new root cross-signed by the old; bundle carries both"),
+        ("rotate-token-key", cmd_rotate_token_key, "new session-token signing key"),
+        ("crl", cmd_crl, "write certs/crl.pem"),
+        ("rotation-status", cmd_rotation_status, "which cameras hold the current bundle"),
+    ):
+        sub_parser = ca.add_parser(name, help=text)
+        sub_parser.add_argument("--broker", help="main listener address (default: config)")
+        sub_parser.set_defaults(func=func)
+    retire = ca.add_parser(
+        "retire-root", help="drop the old root once every camera has the new bundle"
+    )
+    retire.add_argument("--force", action="store_true", help="retire even if cameras lag")
+    retire.add_argument("--broker")
+    retire.set_defaults(func=cmd_retire_root)
 
     device = sub.add_parser("device", help="devices").add_subparsers(
         dest="device_command", required=True
@@ -197,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("--reason", default="")
     revoke.add_argument("--broker")
     revoke.set_defaults(func=cmd_revoke_device)
+
+    revoke_app = admin.add_parser("revoke-app", help="revoke an app instance and end its sessions")
+    revoke_app.add_argument("app_id")
+    revoke_app.add_argument("--reason", default="")
+    revoke_app.add_argument("--broker")
+    revoke_app.set_defaults(func=cmd_revoke_app)
 
     audit = sub.add_parser("audit", help="audit log").add_subparsers(
         dest="audit_command", required=True

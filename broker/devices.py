@@ -14,7 +14,7 @@ from typing import NoReturn
 from cryptography import x509
 
 from broker.audit import AuditEvent
-from broker.ca import IssuedCertificate, IssuingAuthority
+from broker.ca import IssuedCertificate, IssuingAuthority, PkiFiles
 from broker.clock import Clock, unix
 from broker.config import Config
 from broker.csr import PublicKey, public_key_from_csr, spki_sha256
@@ -25,7 +25,7 @@ from broker.errors import (
     PermissionDenied,
     Unauthenticated,
 )
-from broker.identity import Identity, Kind, device, validate_device_id
+from broker.identity import Identity, Kind, device, from_certificate, validate_device_id
 from broker.onetime import (
     ENROLLMENT_TOKEN_PREFIX,
     claim_code_hash,
@@ -33,6 +33,7 @@ from broker.onetime import (
     new_enrollment_token,
     secret_hash,
 )
+from broker.pemfile import read_certificates
 from broker.session_log import end_sessions_audited
 from broker.store import (
     CertificateRecord,
@@ -107,6 +108,7 @@ class DeviceAuthority:
                 not_after=unix(issued.not_after),
                 status=CertStatus.ACTIVE,
                 issued_at=self._now(),
+                issuer_ski=issued.issuer_ski,
             )
         )
 
@@ -332,6 +334,26 @@ class DeviceAuthority:
                 result.append(DeviceStatus(record, active[-1] if active else None))
             return result
 
+    def issuing_serial(self) -> str:
+        """Serial of the issuing CA currently signing."""
+        from broker.ca import serial_hex
+
+        return serial_hex(self._ca.certificate.serial_number)
+
+    def certificate(self, serial: str) -> CertificateRecord:
+        """Look up an issued certificate by hex serial."""
+        if (
+            not serial
+            or len(serial) > 64
+            or any(c not in "0123456789abcdef" for c in serial.lower())
+        ):
+            raise InvalidArgument("serial must be the certificate serial number in hex")
+        with self._store.read() as tx:
+            record = tx.get_certificate(serial.lower().lstrip("0") or "0")
+        if record is None:
+            raise NotFound("no certificate with that serial")
+        return record
+
     def audit(self, event: AuditEvent) -> None:
         """Append one audit entry in its own transaction."""
         with self._store.transaction() as tx:
@@ -378,11 +400,23 @@ class DeviceAuthority:
                 ):
                     raise Unauthenticated("app instance is signed out or revoked")
 
+    def register_offline_certificates(self, files: PkiFiles, actor: str) -> list[str]:
+        """Record the operator and broker certificates (issued offline by `ca init` or a rotation)
+        if the store lacks them: only certificates the store knows are accepted (I10)."""
+        registered = []
+        for path in (files.operator_chain, files.server_chain):
+            if path.exists():
+                cert = read_certificates(path)[0]
+                identity = from_certificate(cert, self._config.trust_domain)
+                if self.register_local_certificate(identity, cert, actor):
+                    registered.append(str(path))
+        return registered
+
     def register_local_certificate(
         self, identity: Identity, cert: x509.Certificate, actor: str
     ) -> bool:
         """Record a certificate issued offline (operator, broker) if the store lacks it."""
-        from broker.ca import fingerprint, serial_hex
+        from broker.ca import authority_key_id, fingerprint, serial_hex
 
         serial = serial_hex(cert.serial_number)
         key = cert.public_key()
@@ -401,6 +435,7 @@ class DeviceAuthority:
                     not_after=unix(cert.not_valid_after_utc),
                     status=CertStatus.ACTIVE,
                     issued_at=self._now(),
+                    issuer_ski=authority_key_id(cert),
                 )
             )
             self._audit(

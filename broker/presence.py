@@ -26,6 +26,7 @@ class AttachHandle:
     device_id: str
     serial: str
     chain_pem: str = ""
+    bundle_version: str = ""
     outbox: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
     ended: bool = False
 
@@ -68,6 +69,15 @@ class Presence:
 
     def is_online(self, device_id: str) -> bool:
         return device_id in self._by_device
+
+    def broadcast(self, message: object) -> int:
+        """Queue message on every live stream; returns how many streams got it."""
+        for handle in self._by_device.values():
+            handle.send(message)
+        return len(self._by_device)
+
+    def online_ids(self) -> set[str]:
+        return set(self._by_device)
 
     def online_count(self) -> int:
         return len(self._by_device)

@@ -22,6 +22,7 @@ from broker.errors import FailedPrecondition
 from broker.presence import Presence
 
 DEFAULT_QUEUE_FRAMES = 64
+RESTART_REASON = "broker restarted"  # the reason the store gives sessions a restart ended
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +154,12 @@ class Relay:
         return self._handshake(device_id, session_id, accepted)
 
     def on_reject(self, device_id: str, session_id: str, reason: str) -> FrameVerdict:
-        return self._handshake(device_id, session_id, Rejected(reason[:200]))
+        verdict = self._handshake(device_id, session_id, Rejected(reason[:200]))
+        live = self._sessions.get(session_id)
+        if verdict is FrameVerdict.DELIVERED and live is not None:
+            # The camera's refusal is why the session ended (access log, I12), not "watcher left".
+            self._finish(live, reason[:200], notify_device=False)
+        return verdict
 
     def _handshake(
         self, device_id: str, session_id: str, outcome: Accepted | Rejected
@@ -252,7 +258,13 @@ class Relay:
         return [s.session_id for s in expired]
 
     async def run_expiry(self, interval: float = 0.2) -> None:
-        """Background task: expire sessions every interval seconds."""
-        while True:
-            await asyncio.sleep(interval)
-            self.expire()
+        """Background task for the broker's serving lifetime: expire sessions every interval
+        seconds. Cancelling it (the broker is stopping) ends every live session with
+        RESTART_REASON, so watchers get an end event and their close is recorded with the real
+        cause before the listeners go away (the next start ends the rest in the store)."""
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                self.expire()
+        finally:
+            self.end_where(RESTART_REASON)

@@ -51,6 +51,13 @@ class Sessions:
         self._keyring = keyring
         self._verifier = TokenVerifier(keyring.jwks_json(), config.broker_spiffe_id, clock)
 
+    def reload_keyring(self, keyring: TokenKeyring) -> None:
+        """Sign with the rotated active key; verify against every published key."""
+        self._keyring = keyring
+        self._verifier = TokenVerifier(
+            keyring.jwks_json(), self._config.broker_spiffe_id, self._clock
+        )
+
     def open(
         self, caller: Identity, cnf_thumbprint: str, device_id: str, app_ephemeral_key: bytes
     ) -> OpenedSession:

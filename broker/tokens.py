@@ -109,6 +109,32 @@ class TokenKeyring:
         write_atomic(directory / "keys.json", json.dumps(index, indent=2).encode())
         return True
 
+    @staticmethod
+    def rotate(directory: Path, retire_after: int, now: int) -> tuple[str, str, list[str]]:
+        """Make a new active key; the old one stays published until retire_after. Keys whose
+        publication has ended are removed. Returns (new kid, previous kid, pruned kids)."""
+        index_path = directory / "keys.json"
+        index = json.loads(index_path.read_text())
+        previous = index["active"]
+        key = ec.generate_private_key(ec.SECP256R1())
+        kid = public_jwk(key.public_key())["kid"]
+        write_private_key(directory / f"{kid}.key", key)
+        published = []
+        pruned = []
+        for entry in index["published"]:
+            if entry["kid"] == previous:
+                entry["retire_after"] = retire_after
+            if entry.get("retire_after") is not None and entry["retire_after"] < now:
+                pruned.append(entry["kid"])
+                (directory / f"{entry['kid']}.key").unlink(missing_ok=True)
+                continue
+            published.append(entry)
+        published.append({"kid": kid, "retire_after": None})
+        write_atomic(
+            index_path, json.dumps({"active": kid, "published": published}, indent=2).encode()
+        )
+        return kid, previous, pruned
+
     def jwks(self) -> dict[str, Any]:
         """Public keys of every published kid."""
         return {
@@ -163,6 +189,9 @@ class TokenVerifier:
             )
         except jwt.PyJWTError as error:
             raise PermissionDenied(f"session token refused: {error}") from None
+        # PyJWT accepts an aud array if any entry matches; a session token names exactly one device.
+        if payload.get("aud") != audience:
+            raise PermissionDenied("session token audience is not exactly this device")
         return self._checked(payload)
 
     def _checked(self, payload: dict[str, Any]) -> SessionClaims:

@@ -31,8 +31,10 @@ def load_trust_bundle(config: Config, jwks_json: str = "") -> TrustBundle:
     files = PkiFiles(config.certs_dir)
     if not files.ca_bundle.exists() or not files.issuing_cert.exists():
         raise ConfigurationError(f"no PKI in {files.root}: run `broker ca init` (make certs)")
+    from broker.rotation import issuing_bundle_pem
+
     ca_pem = files.ca_bundle.read_text()
-    issuing_pem = files.issuing_cert.read_text()
+    issuing_pem = issuing_bundle_pem(files)
     return TrustBundle(
         ca_pem, issuing_pem, jwks_json, bundle_version(ca_pem, issuing_pem, jwks_json)
     )

@@ -72,18 +72,20 @@ def start_broker(home: Path, clock: FakeClock | None = None, **overrides: object
         asyncio.set_event_loop(loop)
 
         async def main() -> None:
-            server = BrokerServer(config, clock)
-            await server.start()
-            holder["server"] = server
-            started.set()
+            try:
+                server = BrokerServer(config, clock)
+                await server.start()
+                holder["server"] = server
+            finally:
+                started.set()
 
         loop.run_until_complete(main())
         loop.run_forever()
 
     thread = threading.Thread(target=run, name="broker-loop", daemon=True)
     thread.start()
-    if not started.wait(30):
-        raise RuntimeError("broker did not start")
+    if not started.wait(30) or "server" not in holder:
+        raise RuntimeError("broker did not start (see the thread's exception above)")
     return RunningBroker(config, holder["server"], loop, clock, Pki(PkiFiles(config.certs_dir)))
 
 
@@ -103,7 +105,9 @@ def broker(tmp_path: Path) -> Iterator[RunningBroker]:
 def operator_channel(broker: RunningBroker) -> Iterator[grpc.Channel]:
     files = broker.pki.files
     creds = grpc.ssl_channel_credentials(
-        files.ca_bundle.read_bytes(), files.operator_key.read_bytes(), files.operator_chain.read_bytes()
+        files.ca_bundle.read_bytes(),
+        files.operator_key.read_bytes(),
+        files.operator_chain.read_bytes(),
     )
     with grpc.secure_channel(broker.main, creds) as channel:
         yield channel

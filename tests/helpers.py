@@ -409,9 +409,8 @@ def app_call(broker: object, creds: AppCreds, method: str, request: object) -> o
 def claim_device(broker: object, creds: AppCreds, device_id: str, code: str) -> object:
     from broker._proto.broker.v1 import app_pb2
 
-    return app_call(
-        broker, creds, "ClaimDevice", app_pb2.ClaimDeviceRequest(device_id=device_id, claim_code=code)
-    )
+    request = app_pb2.ClaimDeviceRequest(device_id=device_id, claim_code=code)
+    return app_call(broker, creds, "ClaimDevice", request)
 
 
 def share_device(
@@ -427,7 +426,9 @@ def share_device(
     )
 
 
-def open_session(broker: object, creds: AppCreds, device_id: str, eph: bytes = b"\x01" * 32) -> object:
+def open_session(
+    broker: object, creds: AppCreds, device_id: str, eph: bytes = b"\x01" * 32
+) -> object:
     from broker._proto.broker.v1 import app_pb2
 
     return app_call(
@@ -471,3 +472,127 @@ def session_rows(broker: object, device_id: str) -> list[tuple[object, ...]]:
         "WHERE device_id = ? ORDER BY opened_at, session_id",
         device_id,
     )
+
+
+# -- live streams (issue 4): SDK-level cameras and apps, polling --------------------------------
+
+
+def endpoints_of(broker: object) -> object:
+    """The SDK's view of where a (possibly restarted) broker listens."""
+    from broker.client.device import Endpoints
+
+    return Endpoints(broker.bootstrap, broker.main)  # type: ignore[attr-defined]
+
+
+def operator_channel_of(broker: object) -> grpc.Channel:
+    """An operator's mTLS channel to the main listener (for brokers started outside the fixture)."""
+    files = broker.pki.files  # type: ignore[attr-defined]
+    return mtls_channel(
+        broker.main,  # type: ignore[attr-defined]
+        files.ca_bundle.read_bytes(),
+        files.operator_key.read_bytes(),
+        files.operator_chain.read_bytes(),
+    )
+
+
+async def sdk_app(
+    broker: object, state_dir: object, username: str, password: str = PASSWORD
+) -> object:
+    """An AppClient with a fresh account and one enrolled app instance."""
+    from broker.client.app import AppClient
+
+    app = AppClient(state_dir, endpoints_of(broker), broker.pki.ca_pem)  # type: ignore[arg-type, attr-defined]
+    await app.create_account(username, password)
+    await app.enroll(username, password, "phone")
+    return app
+
+
+async def sdk_camera(
+    broker: object,
+    operator_channel: grpc.Channel,
+    state_dir: object,
+    device_id: str,
+    *,
+    owner: object | None = None,
+    fps: float = 50,
+    frame_bytes: int = 256,
+) -> object:
+    """An enrolled SimulatedCamera (on the broker's clock), claimed by owner when given."""
+    from broker.client.device import DeviceClient
+    from broker.client.simcam import SimulatedCamera
+
+    client = DeviceClient(state_dir, endpoints_of(broker), broker.pki.ca_pem)  # type: ignore[arg-type, attr-defined]
+    state = await client.enroll(create_token(operator_channel, device_id))
+    if owner is not None:
+        await owner.claim(device_id, state.claim_code)  # type: ignore[attr-defined]
+    return SimulatedCamera(client, fps=fps, frame_bytes=frame_bytes, clock=broker.clock)  # type: ignore[attr-defined]
+
+
+async def start_camera(camera: object, timeout: float = 10) -> object:
+    """Run the camera in a task until it is attached; returns the task."""
+    import asyncio
+
+    task = asyncio.create_task(camera.run())  # type: ignore[attr-defined]
+    await asyncio.wait_for(camera.attached.wait(), timeout)  # type: ignore[attr-defined]
+    return task
+
+
+async def stop_task(task: object) -> None:
+    import asyncio
+    import contextlib
+
+    task.cancel()  # type: ignore[attr-defined]
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task  # type: ignore[misc]
+
+
+async def eventually(check: object, timeout: float = 5.0, interval: float = 0.02) -> object:
+    """Poll check() (sync) until it returns something truthy; fail with its last value."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()  # type: ignore[operator]
+        if value or time.monotonic() > deadline:
+            assert value, f"condition not met within {timeout}s: {value!r}"
+            return value
+        await asyncio.sleep(interval)
+
+
+def session_row(broker: object, session_id: str) -> tuple[object, ...] | None:
+    """(device_id, user_id, app_id, outcome, reason, bytes, ended_at) of one session."""
+    rows = db_rows(
+        broker,
+        "SELECT device_id, user_id, app_id, outcome, reason, bytes, ended_at FROM sessions "
+        "WHERE session_id = ?",
+        session_id,
+    )
+    return rows[0] if rows else None
+
+
+def session_audit(broker: object, session_id: str) -> list[tuple[str, dict[str, object]]]:
+    """(action, detail) of every audit entry that names the session, in order."""
+    return [
+        (e.action, dict(e.detail))  # type: ignore[attr-defined]
+        for e in audit_entries(broker)
+        if e.detail.get("session_id") == session_id  # type: ignore[attr-defined]
+    ]
+
+
+def claim_code_hash_of(broker: object, device_id: str) -> object:
+    """The stored hash of the device's current claim code (None once used)."""
+    rows = db_rows(broker, "SELECT claim_code_hash FROM devices WHERE device_id = ?", device_id)
+    return rows[0][0]
+
+
+def renew_app(broker: object, creds: AppCreds, key: object | None = None) -> AppCreds:
+    """AppService.RenewCertificate with creds; returns the new credentials."""
+    from broker._proto.broker.v1 import app_pb2
+
+    key = key or p256()
+    response = app_call(
+        broker, creds, "RenewCertificate", app_pb2.RenewAppCertificateRequest(csr_pem=csr_for(key))
+    )
+    chain = str(response.certificate_chain_pem)  # type: ignore[attr-defined]
+    return AppCreds(creds.user_id, creds.app_id, creds.spiffe_id, key, chain)

@@ -63,3 +63,28 @@ class AdminClient:
     def list_devices(self) -> list[admin_pb2.DeviceSummary]:
         response = self._stub.ListDevices(admin_pb2.ListDevicesRequest(), timeout=self._timeout)
         return list(response.devices)
+
+    def revoke_app(self, app_id: str, reason: str = "") -> admin_pb2.RevokeAppInstanceResponse:
+        request = admin_pb2.RevokeAppInstanceRequest(app_id=app_id, reason=reason)
+        response: admin_pb2.RevokeAppInstanceResponse = self._stub.RevokeAppInstance(
+            request, timeout=self._timeout
+        )
+        return response
+
+    def reload_pki(self) -> admin_pb2.ReloadPkiResponse:
+        response: admin_pb2.ReloadPkiResponse = self._stub.ReloadPki(
+            admin_pb2.ReloadPkiRequest(), timeout=self._timeout
+        )
+        return response
+
+    def rotation_status(self) -> admin_pb2.RotationStatusResponse:
+        response: admin_pb2.RotationStatusResponse = self._stub.RotationStatus(
+            admin_pb2.RotationStatusRequest(), timeout=self._timeout
+        )
+        return response
+
+    def get_certificate(self, serial: str) -> admin_pb2.GetCertificateResponse:
+        response: admin_pb2.GetCertificateResponse = self._stub.GetCertificate(
+            admin_pb2.GetCertificateRequest(serial=serial), timeout=self._timeout
+        )
+        return response

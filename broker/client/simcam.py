@@ -85,6 +85,7 @@ class SimulatedCamera:
                 self.attached.set()
             elif kind == "trust_bundle_update":
                 session.adopt_bundle(message.trust_bundle_update)
+                await session.heartbeat()  # acknowledge the new bundle at once
             elif kind == "start_stream":
                 await self._start(session, message.start_stream)
             elif kind == "stop_stream":

@@ -140,13 +140,17 @@ class AppService(app_pb2_grpc.AppServiceServicer):
             await self._stream(context, live, request)
         finally:
             self._rt.relay.detach(live)
-            await self._rt.run(
-                self._rt.sessions.record_close,
-                live.session_id,
-                live.end_reason or "watcher left",
-                live.bytes_relayed,
-                live.frames_relayed,
-                live.dropped,
+            # Shielded: the app hangs up as soon as it reads the end event, which cancels this
+            # handler; the close (bytes, reason, audit entry) must be recorded all the same.
+            await asyncio.shield(
+                self._rt.run(
+                    self._rt.sessions.record_close,
+                    live.session_id,
+                    live.end_reason or "watcher left",
+                    live.bytes_relayed,
+                    live.frames_relayed,
+                    live.dropped,
+                )
             )
 
     async def _stream(

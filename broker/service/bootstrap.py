@@ -84,6 +84,11 @@ class BootstrapService(bootstrap_pb2_grpc.BootstrapServicer):
             renew_after=unix(issued.renew_after),
         )
 
+    async def GetCRL(
+        self, request: bootstrap_pb2.GetCRLRequest, context: grpc.aio.ServicerContext
+    ) -> bootstrap_pb2.GetCRLResponse:
+        return bootstrap_pb2.GetCRLResponse(crl_pem=await self._rt.run(self._rt.current_crl_pem))
+
     def _response(self, enrollment: Enrollment) -> bootstrap_pb2.EnrollDeviceResponse:
         issued = enrollment.issued
         return bootstrap_pb2.EnrollDeviceResponse(

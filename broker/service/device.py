@@ -42,6 +42,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
 
     def __init__(self, runtime: Runtime) -> None:
         self._rt = runtime
+        self._pending: set[asyncio.Task[None]] = set()
 
     async def RenewCertificate(
         self, request: device_pb2.RenewCertificateRequest, context: grpc.aio.ServicerContext
@@ -167,6 +168,13 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         finally:
             handle.send(CLOSED)
 
+    def _remember_bundle(self, device_id: str, version: str) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._rt.run(self._rt.devices.record_presence, device_id, version)
+        )
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
     def _on_message(self, handle: AttachHandle, message: device_pb2.DeviceMessage) -> None:
         """Route one message from the camera. Identity is the stream's certificate, never a field (I6)."""
         relay = self._rt.relay
@@ -176,11 +184,16 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             if len(frame.ciphertext) <= MAX_FRAME_BYTES:
                 relay.on_frame(handle.device_id, frame.session_id, frame.sequence, frame.ciphertext)
         elif kind == "heartbeat":
+            beat = message.heartbeat
             handle.send(
                 device_pb2.BrokerMessage(
-                    heartbeat_ack=device_pb2.HeartbeatAck(sequence=message.heartbeat.sequence)
+                    heartbeat_ack=device_pb2.HeartbeatAck(sequence=beat.sequence)
                 )
             )
+            if beat.trust_bundle_version and beat.trust_bundle_version != handle.bundle_version:
+                # The camera acknowledges a pushed bundle: remember it for rotation status.
+                handle.bundle_version = beat.trust_bundle_version
+                self._remember_bundle(handle.device_id, beat.trust_bundle_version)
         elif kind == "stream_accept":
             accept = message.stream_accept
             relay.on_accept(

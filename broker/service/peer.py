@@ -53,6 +53,11 @@ class PeerParser:
         self._issuers = issuers
         self._cache: OrderedDict[tuple[bytes, Kind], Caller | BrokerError] = OrderedDict()
 
+    def reset(self, issuers: list[x509.Certificate]) -> None:
+        """Trust a new set of issuing CAs (after rotation); forget every cached verdict."""
+        self._issuers = list(issuers)
+        self._cache.clear()
+
     def parse(self, pem: bytes, expected: Kind) -> Caller:
         """Caller for pem under the listener's expectation (BIRTH or certificate identity)."""
         key = (pem, Kind.BIRTH if expected is Kind.BIRTH else Kind.DEVICE)

@@ -19,6 +19,7 @@ from broker.relay import Relay
 from broker.sessions import Sessions
 from broker.trust import TrustBundle
 
+CRL_CACHE_SECONDS = 60.0
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -44,6 +45,22 @@ class Runtime:
     password_executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="broker-pw")
     )
+
+    crl_source: Callable[[], str] = lambda: ""
+    _crl_cache: tuple[float, str] = (0.0, "")
+
+    def current_crl_pem(self) -> str:
+        """The CRLs, rebuilt at most once a minute (runs on the core thread)."""
+        import time
+
+        built_at, pem = self._crl_cache
+        if time.monotonic() - built_at > CRL_CACHE_SECONDS or not pem:
+            pem = self.crl_source()
+            self._crl_cache = (time.monotonic(), pem)
+        return pem
+
+    def invalidate_crl(self) -> None:
+        self._crl_cache = (0.0, "")
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a blocking core call on the core thread and await its result."""

@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -37,12 +38,13 @@ from broker.clock import Clock, SystemClock
 from broker.config import Config
 from broker.devices import DeviceAuthority
 from broker.errors import ConfigurationError
-from broker.identity import Identity, Kind, from_certificate
+from broker.identity import Kind
 from broker.ownership import Ownership
 from broker.passwords import PasswordHasher
 from broker.pemfile import read_certificates
 from broker.presence import Presence
 from broker.relay import Relay
+from broker.rotation import trusted_issuing
 from broker.service.admin import AdminService
 from broker.service.app import AppService
 from broker.service.bootstrap import BootstrapService
@@ -54,6 +56,7 @@ from broker.service.interceptor import (
 )
 from broker.service.peer import Caller, PeerParser
 from broker.service.runtime import Runtime
+from broker.service.tls import ReloadingCredentials
 from broker.sessions import Sessions
 from broker.store.sqlite import SqliteStore
 from broker.tokens import load_keyring
@@ -114,7 +117,7 @@ class BrokerServer:
         self.devices = DeviceAuthority(config, authority, self.store, self.clock)
         keyring = load_keyring(config.certs_dir)
         presence = Presence()
-        self.runtime = Runtime(
+        self.runtime: Runtime = Runtime(
             config,
             self.clock,
             self.devices,
@@ -126,10 +129,14 @@ class BrokerServer:
             Relay(presence, self.clock, self._alarm),
         )
         self._background: list[asyncio.Task[None]] = []
-        self._issuers = [authority.certificate]
+        self.runtime.crl_source = self._crl_pem
+        self._authority = authority
+        self._keyring = keyring
+        self._tls: list[ReloadingCredentials] = []
+        self._main_parser = PeerParser(config.trust_domain, trusted_issuing(self.files))
         self._servers: list[grpc.aio.Server] = []
         self.ports: dict[str, int] = {}
-        self._register_offline_certificates()
+        self.devices.register_offline_certificates(self.files, "broker")
 
     def _alarm(self, device_id: str, session_id: str, reason: str) -> None:
         """A relay rule fired (e.g. a frame from the wrong camera): log and audit it (I6, I12)."""
@@ -144,34 +151,10 @@ class BrokerServer:
         self._background.append(task)
         task.add_done_callback(self._background.remove)
 
-    def _register_offline_certificates(self) -> None:
-        """Operator and broker certificates are issued offline; make sure the store knows them."""
-        for path in (self.files.operator_chain, self.files.server_chain):
-            if path.exists():
-                cert = read_certificates(path)[0]
-                identity: Identity = from_certificate(cert, self.config.trust_domain)
-                self.devices.register_local_certificate(identity, cert, "broker")
-
-    # -- credentials ---------------------------------------------------------------------------
-    def _server_pair(self) -> tuple[bytes, bytes]:
-        return self.files.server_key.read_bytes(), self.files.server_chain.read_bytes()
-
-    def _bootstrap_credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials([self._server_pair()])
-
-    def _factory_credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials(
-            [self._server_pair()],
-            root_certificates=self.files.factory_cert.read_bytes(),
-            require_client_auth=True,
-        )
-
-    def _main_credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials(
-            [self._server_pair()],
-            root_certificates=self.files.ca_bundle.read_bytes(),
-            require_client_auth=True,
-        )
+    def _credentials(self, client_ca: Path | None) -> grpc.ServerCredentials:
+        source = ReloadingCredentials(self.files.server_key, self.files.server_chain, client_ca)
+        self._tls.append(source)
+        return source.credentials()
 
     # -- listeners -----------------------------------------------------------------------------
     def _options(self) -> list[tuple[str, Any]]:
@@ -218,7 +201,7 @@ class BrokerServer:
         bootstrap_desc = _service(bootstrap_pb2, "Bootstrap")
         bootstrap = BootstrapService(rt)
         health_servicer = health.aio.HealthServicer()
-        main_parser = PeerParser(self.config.trust_domain, self._issuers)
+        main_parser = self._main_parser
         factory_parser = PeerParser(
             self.config.trust_domain, read_certificates(self.files.factory_cert)
         )
@@ -255,14 +238,14 @@ class BrokerServer:
         bootstrap_server = self._listener(
             "bootstrap",
             self.config.bootstrap_address,
-            self._bootstrap_credentials(),
+            self._credentials(None),
             public,
             anonymous_authenticator(),
         )
         factory_server = self._listener(
             "factory",
             self.config.factory_address,
-            self._factory_credentials(),
+            self._credentials(self.files.factory_cert),
             [
                 Binding(
                     bootstrap_desc,
@@ -273,6 +256,7 @@ class BrokerServer:
                         "EnrollDevice": Kind.BIRTH,
                         "CreateAccount": Kind.NOBODY,
                         "EnrollApp": Kind.NOBODY,
+                        "GetCRL": Kind.NOBODY,
                     },
                 )
             ],
@@ -284,7 +268,7 @@ class BrokerServer:
         main_server = self._listener(
             "main",
             self.config.main_address,
-            self._main_credentials(),
+            self._credentials(self.files.ca_bundle),
             [
                 Binding(
                     device_desc,
@@ -295,7 +279,7 @@ class BrokerServer:
                 Binding(
                     admin_desc,
                     admin_pb2_grpc.add_AdminServiceServicer_to_server,
-                    AdminService(rt),
+                    AdminService(rt, self.reload_pki),
                     every(admin_desc, Kind.OPERATOR),
                 ),
                 Binding(
@@ -309,6 +293,38 @@ class BrokerServer:
         )
         self._health = health_servicer
         return [bootstrap_server, factory_server, main_server]
+
+    def _crl_pem(self) -> str:
+        from broker.crl import build_crls, crls_pem
+
+        return crls_pem(build_crls(self.files, self.store, self.clock))
+
+    def reload_pki(self) -> tuple[bool, int]:
+        """Re-read certs/ after a rotation: issuing CA, trusted issuers, token keys, trust bundle.
+        A changed bundle is pushed down every Attach stream. Returns (changed, cameras notified)."""
+        from broker._proto.broker.v1 import device_pb2
+        from broker.pemfile import read_private_key
+        from broker.service.convert import trust_bundle_pb
+
+        self._authority.replace(
+            read_private_key(self.files.issuing_key), read_certificates(self.files.issuing_cert)[0]
+        )
+        self._main_parser.reset(trusted_issuing(self.files))
+        self._keyring = load_keyring(self.config.certs_dir)
+        self.runtime.sessions.reload_keyring(self._keyring)
+        bundle = load_trust_bundle(self.config, self._keyring.jwks_json())
+        changed = bundle.version != self.runtime.trust_bundle.version
+        self.runtime.trust_bundle = bundle
+        notified = 0
+        if changed:
+            update = device_pb2.BrokerMessage(
+                trust_bundle_update=device_pb2.TrustBundleUpdate(
+                    trust_bundle=trust_bundle_pb(bundle)
+                )
+            )
+            notified = self.runtime.presence.broadcast(update)
+        log.info("pki reloaded bundle=%s changed=%s notified=%d", bundle.version, changed, notified)
+        return changed, notified
 
     async def start(self) -> dict[str, int]:
         """Bind and start all listeners; returns the bound ports by listener name."""

@@ -102,6 +102,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # v4: the owner's access log is read from the audit trail by device.
     ("CREATE INDEX audit_log_subject ON audit_log(subject, seq)",),
+    # v5: which issuing CA signed each certificate (its SKI), so each CA's CRL lists its own.
+    (
+        "ALTER TABLE certificates ADD COLUMN issuer_ski TEXT",
+        "CREATE INDEX certificates_revoked ON certificates(status, not_after)",
+    ),
 )
 
 LATEST_VERSION = len(MIGRATIONS)

@@ -36,7 +36,7 @@ DEVICE_COLUMNS = (
 )
 CERT_COLUMNS = (
     "serial, spiffe_id, kind, subject, spki_sha256, fingerprint, not_before, not_after, status, "
-    "issued_at, superseded_by, superseded_at, revoked_at, revocation_reason"
+    "issued_at, superseded_by, superseded_at, revoked_at, revocation_reason, issuer_ski"
 )
 USER_COLUMNS = "user_id, username, password_hash, created_at"
 APP_COLUMNS = "app_id, user_id, label, state, created_at, revoked_at"
@@ -128,7 +128,7 @@ class SqliteTransaction:
     # certificates
     def insert_certificate(self, cert: CertificateRecord) -> None:
         self._conn.execute(
-            f"INSERT INTO certificates ({CERT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            f"INSERT INTO certificates ({CERT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 cert.serial,
                 cert.spiffe_id,
@@ -144,6 +144,7 @@ class SqliteTransaction:
                 cert.superseded_at,
                 cert.revoked_at,
                 cert.revocation_reason,
+                cert.issuer_ski,
             ),
         )
 
@@ -179,6 +180,14 @@ class SqliteTransaction:
             (at, reason, subject),
         ).fetchall()
         return sorted(r[0] for r in rows)
+
+    def revoked_unexpired(self, now: int) -> list[CertificateRecord]:
+        rows = self._conn.execute(
+            f"SELECT {CERT_COLUMNS} FROM certificates WHERE status = 'revoked' AND not_after > ? "
+            "ORDER BY serial",
+            (now,),
+        )
+        return [_cert(r) for r in rows]
 
     # enrollment tokens
     def insert_enrollment_token(self, token: EnrollmentTokenRecord) -> None:

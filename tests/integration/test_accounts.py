@@ -31,6 +31,7 @@ from tests.helpers import (
     new_user,
     open_session,
     p256,
+    renew_app,
     retry_delay,
     rpc_error,
     session_rows,
@@ -52,7 +53,10 @@ def app_cert_count(broker: object) -> int:
 
 def enroll_request(username: str, password: str, csr_pem: str | None = None) -> object:
     return bootstrap_pb2.EnrollAppRequest(
-        username=username, password=password, csr_pem=csr_for(p256()) if csr_pem is None else csr_pem, label="phone"
+        username=username,
+        password=password,
+        csr_pem=csr_for(p256()) if csr_pem is None else csr_pem,
+        label="phone",
     )
 
 
@@ -254,7 +258,7 @@ def test_i11_password_never_in_logs_or_errors(broker, caplog):
 def test_sign_out_revokes_app_and_ends_its_sessions(broker, operator_channel):
     """SignOut: the app's certificate is UNAUTHENTICATED on the next RPC (I7), its open sessions
     are 'ended', 'app.revoked' is audited; the user's other app instance keeps working."""
-    camera, code = enroll_camera(broker, operator_channel, "cam-out")
+    _, code = enroll_camera(broker, operator_channel, "cam-out")
     phone = new_user(broker, "anna")
     tablet = enroll_app(broker, "anna", PASSWORD)
     claim_device(broker, phone, "cam-out", code)
@@ -288,15 +292,13 @@ def test_renew_app_certificate_keeps_identity_and_supersedes_old(broker):
     """RenewCertificate: a new chain with the same SPIFFE ID; the old certificate is superseded
     (honoured for the grace period, UNAUTHENTICATED after it); the new one keeps working."""
     old = new_user(broker, "anna")
-    key = p256()
-    response = app_call(
-        broker, old, "RenewCertificate", app_pb2.RenewAppCertificateRequest(csr_pem=csr_for(key))
-    )
-    new = AppCreds(old.user_id, old.app_id, old.spiffe_id, key, response.certificate_chain_pem)
+    new = renew_app(broker, old)
     assert from_certificate(new.leaf, "camera.local") == from_certificate(old.leaf, "camera.local")
     assert new.serial != old.serial
     statuses = dict(
-        db_rows(broker, "SELECT serial, status FROM certificates WHERE spiffe_id = ?", old.spiffe_id)
+        db_rows(
+            broker, "SELECT serial, status FROM certificates WHERE spiffe_id = ?", old.spiffe_id
+        )
     )
     assert statuses == {old.serial: "superseded", new.serial: "active"}
     assert db_rows(

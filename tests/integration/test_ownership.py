@@ -26,8 +26,8 @@ from tests.helpers import (
     DeviceCreds,
     app_call,
     audit_entries,
+    claim_code_hash_of,
     claim_device,
-    db_rows,
     enroll_camera,
     grant_rows,
     new_user,
@@ -37,10 +37,6 @@ from tests.helpers import (
     session_rows,
     share_device,
 )
-
-
-def claim_code_hash(broker: object, device_id: str) -> object:
-    return db_rows(broker, "SELECT claim_code_hash FROM devices WHERE device_id = ?", device_id)[0][0]
 
 
 def reset_ownership(broker: object, camera: DeviceCreds) -> device_pb2.ResetOwnershipResponse:
@@ -79,7 +75,9 @@ def assert_denied_session(
     assert entry.detail["user_id"] == creds.user_id
     assert reason_part in entry.detail["reason"]
     rows = [r for r in session_rows(broker, device_id) if r[0] == entry.detail["session_id"]]
-    assert rows == [(entry.detail["session_id"], creds.user_id, creds.app_id, "denied", entry.detail["reason"])]
+    assert rows == [
+        (entry.detail["session_id"], creds.user_id, creds.app_id, "denied", entry.detail["reason"])
+    ]
     return error
 
 
@@ -231,7 +229,7 @@ def test_i8_concurrent_claims_give_exactly_one_owner(broker, operator_channel):
     assert sorted(r.name for r in results) == ["OK"] + ["PERMISSION_DENIED"] * 7
     winner = users[results.index(grpc.StatusCode.OK)]
     assert grant_rows(broker, "cam-race") == [(winner.user_id, "owner", None)]
-    assert claim_code_hash(broker, "cam-race") is None
+    assert claim_code_hash_of(broker, "cam-race") is None
     assert len(audit_entries(broker, "device.claimed")) == 1
     assert len(audit_entries(broker, "device.claim.denied")) == 7
 
@@ -294,14 +292,14 @@ def test_i8_wrong_claim_codes_rate_limited_per_user(broker, operator_channel):
     for _ in range(limit):
         error = rpc_error(claim_device, broker, guesser, "cam-a", "WRONG-CODE")
         assert error.code() is grpc.StatusCode.PERMISSION_DENIED
-    hash_b = claim_code_hash(broker, "cam-b")
+    hash_b = claim_code_hash_of(broker, "cam-b")
 
     for device_id, code in (("cam-a", "WRONG-CODE"), ("cam-b", code_b)):
         error = rpc_error(claim_device, broker, guesser, device_id, code)
         assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert 1 <= retry_delay(error) <= broker.config.claim_window_seconds
     assert grant_rows(broker, "cam-b") == []
-    assert claim_code_hash(broker, "cam-b") == hash_b
+    assert claim_code_hash_of(broker, "cam-b") == hash_b
     assert audit_entries(broker, "device.claimed") == []
     assert len(audit_entries(broker, "device.claim.denied")) == limit
 
@@ -327,13 +325,13 @@ def test_i8_wrong_claim_codes_rate_limited_per_device(broker, operator_channel):
             error = rpc_error(claim_device, broker, guesser, "cam-d", f"WRONG-{failures}")
             assert error.code() is grpc.StatusCode.PERMISSION_DENIED
             failures += 1
-    hash_before = claim_code_hash(broker, "cam-d")
+    hash_before = claim_code_hash_of(broker, "cam-d")
     rightful = new_user(broker, "anna")
     error = rpc_error(claim_device, broker, rightful, "cam-d", code)
     assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert 1 <= retry_delay(error) <= broker.config.claim_window_seconds
     assert grant_rows(broker, "cam-d") == []
-    assert claim_code_hash(broker, "cam-d") == hash_before
+    assert claim_code_hash_of(broker, "cam-d") == hash_before
     assert audit_entries(broker, "device.claimed") == []
 
     broker.clock.advance(broker.config.claim_window_seconds + 1)

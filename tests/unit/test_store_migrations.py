@@ -91,9 +91,27 @@ def _make_v1_database(path: Path) -> None:
                     ("cam-0003", "revoked", T0 - 2 * 86_400, "birth:5e", None, T0 - 10),
                 ],
             )
+            # Certificates too: later versions add columns the v1 table does not have.
+            conn.executemany(
+                "INSERT INTO certificates (serial, spiffe_id, kind, subject, spki_sha256, fingerprint, "
+                "not_before, not_after, status, issued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        c.serial,
+                        c.spiffe_id,
+                        c.kind,
+                        c.subject,
+                        c.spki_sha256,
+                        c.fingerprint,
+                        c.not_before,
+                        c.not_after,
+                        c.status.value,
+                        c.issued_at,
+                    )
+                    for c in (OLD_CERT, CERT)
+                ],
+            )
         with store.transaction() as tx:
-            tx.insert_certificate(OLD_CERT)
-            tx.insert_certificate(CERT)
             tx.supersede_certificates(DEVICE_SPIFFE, CERT.serial, T0)
             tx.insert_enrollment_token(TOKEN)
             tx.insert_enrollment_token(UNUSED_TOKEN)

@@ -24,27 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62roker/v1/admin.proto\x12\tbroker.v1\"F\n\x1c\x43reateEnrollmentTokenRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"`\n\x1d\x43reateEnrollmentTokenResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x18\n\x10\x65nrollment_token\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\"8\n\x13RevokeDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"a\n\x14RevokeDeviceResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x17\n\x0frevoked_serials\x18\x02 \x03(\t\x12\x1d\n\x15\x61ttach_streams_closed\x18\x03 \x01(\r\"\x14\n\x12ListDevicesRequest\"\x90\x01\n\rDeviceSummary\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06online\x18\x03 \x01(\x08\x12\x12\n\ncreated_at\x18\x04 \x01(\x03\x12\x1d\n\x15\x63\x65rtificate_not_after\x18\x05 \x01(\x03\x12\x1a\n\x12\x63\x65rtificate_serial\x18\x06 \x01(\t\"@\n\x13ListDevicesResponse\x12)\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x18.broker.v1.DeviceSummary2\x99\x02\n\x0c\x41\x64minService\x12j\n\x15\x43reateEnrollmentToken\x12\'.broker.v1.CreateEnrollmentTokenRequest\x1a(.broker.v1.CreateEnrollmentTokenResponse\x12O\n\x0cRevokeDevice\x12\x1e.broker.v1.RevokeDeviceRequest\x1a\x1f.broker.v1.RevokeDeviceResponse\x12L\n\x0bListDevices\x12\x1d.broker.v1.ListDevicesRequest\x1a\x1e.broker.v1.ListDevicesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62roker/v1/admin.proto\x12\tbroker.v1\":\n\x18RevokeAppInstanceRequest\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"T\n\x19RevokeAppInstanceResponse\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x16\n\x0esessions_ended\x18\x03 \x01(\r\"\x12\n\x10ReloadPkiRequest\"~\n\x11ReloadPkiResponse\x12\x1c\n\x14trust_bundle_version\x18\x01 \x01(\t\x12\x16\n\x0e\x62undle_changed\x18\x02 \x01(\x08\x12\x18\n\x10\x63\x61meras_notified\x18\x03 \x01(\r\x12\x19\n\x11issuing_ca_serial\x18\x04 \x01(\t\"\x17\n\x15RotationStatusRequest\"\xea\x01\n\x16RotationStatusResponse\x12\x1c\n\x14trust_bundle_version\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63tive_devices\x18\x02 \x01(\r\x12\x16\n\x0eonline_devices\x18\x03 \x01(\r\x12#\n\x1b\x64\x65vices_with_current_bundle\x18\x04 \x01(\r\x12\"\n\x1aonline_with_current_bundle\x18\x05 \x01(\r\x12\x1a\n\x12lagging_device_ids\x18\x06 \x03(\t\x12\x1d\n\x15root_rotation_pending\x18\x07 \x01(\x08\"\'\n\x15GetCertificateRequest\x12\x0e\n\x06serial\x18\x01 \x01(\t\"\xa4\x01\n\x16GetCertificateResponse\x12\x0e\n\x06serial\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x12\n\nnot_before\x18\x04 \x01(\x03\x12\x11\n\tnot_after\x18\x05 \x01(\x03\x12\x15\n\rsuperseded_by\x18\x06 \x01(\t\x12\x19\n\x11revocation_reason\x18\x07 \x01(\t\"F\n\x1c\x43reateEnrollmentTokenRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"`\n\x1d\x43reateEnrollmentTokenResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x18\n\x10\x65nrollment_token\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\"8\n\x13RevokeDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"a\n\x14RevokeDeviceResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x17\n\x0frevoked_serials\x18\x02 \x03(\t\x12\x1d\n\x15\x61ttach_streams_closed\x18\x03 \x01(\r\"\x14\n\x12ListDevicesRequest\"\x90\x01\n\rDeviceSummary\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06online\x18\x03 \x01(\x08\x12\x12\n\ncreated_at\x18\x04 \x01(\x03\x12\x1d\n\x15\x63\x65rtificate_not_after\x18\x05 \x01(\x03\x12\x1a\n\x12\x63\x65rtificate_serial\x18\x06 \x01(\t\"@\n\x13ListDevicesResponse\x12)\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x18.broker.v1.DeviceSummary2\xef\x04\n\x0c\x41\x64minService\x12j\n\x15\x43reateEnrollmentToken\x12\'.broker.v1.CreateEnrollmentTokenRequest\x1a(.broker.v1.CreateEnrollmentTokenResponse\x12O\n\x0cRevokeDevice\x12\x1e.broker.v1.RevokeDeviceRequest\x1a\x1f.broker.v1.RevokeDeviceResponse\x12L\n\x0bListDevices\x12\x1d.broker.v1.ListDevicesRequest\x1a\x1e.broker.v1.ListDevicesResponse\x12^\n\x11RevokeAppInstance\x12#.broker.v1.RevokeAppInstanceRequest\x1a$.broker.v1.RevokeAppInstanceResponse\x12\x46\n\tReloadPki\x12\x1b.broker.v1.ReloadPkiRequest\x1a\x1c.broker.v1.ReloadPkiResponse\x12U\n\x0eRotationStatus\x12 .broker.v1.RotationStatusRequest\x1a!.broker.v1.RotationStatusResponse\x12U\n\x0eGetCertificate\x12 .broker.v1.GetCertificateRequest\x1a!.broker.v1.GetCertificateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'broker.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATEENROLLMENTTOKENREQUEST']._serialized_start=36
-  _globals['_CREATEENROLLMENTTOKENREQUEST']._serialized_end=106
-  _globals['_CREATEENROLLMENTTOKENRESPONSE']._serialized_start=108
-  _globals['_CREATEENROLLMENTTOKENRESPONSE']._serialized_end=204
-  _globals['_REVOKEDEVICEREQUEST']._serialized_start=206
-  _globals['_REVOKEDEVICEREQUEST']._serialized_end=262
-  _globals['_REVOKEDEVICERESPONSE']._serialized_start=264
-  _globals['_REVOKEDEVICERESPONSE']._serialized_end=361
-  _globals['_LISTDEVICESREQUEST']._serialized_start=363
-  _globals['_LISTDEVICESREQUEST']._serialized_end=383
-  _globals['_DEVICESUMMARY']._serialized_start=386
-  _globals['_DEVICESUMMARY']._serialized_end=530
-  _globals['_LISTDEVICESRESPONSE']._serialized_start=532
-  _globals['_LISTDEVICESRESPONSE']._serialized_end=596
-  _globals['_ADMINSERVICE']._serialized_start=599
-  _globals['_ADMINSERVICE']._serialized_end=880
+  _globals['_REVOKEAPPINSTANCEREQUEST']._serialized_start=36
+  _globals['_REVOKEAPPINSTANCEREQUEST']._serialized_end=94
+  _globals['_REVOKEAPPINSTANCERESPONSE']._serialized_start=96
+  _globals['_REVOKEAPPINSTANCERESPONSE']._serialized_end=180
+  _globals['_RELOADPKIREQUEST']._serialized_start=182
+  _globals['_RELOADPKIREQUEST']._serialized_end=200
+  _globals['_RELOADPKIRESPONSE']._serialized_start=202
+  _globals['_RELOADPKIRESPONSE']._serialized_end=328
+  _globals['_ROTATIONSTATUSREQUEST']._serialized_start=330
+  _globals['_ROTATIONSTATUSREQUEST']._serialized_end=353
+  _globals['_ROTATIONSTATUSRESPONSE']._serialized_start=356
+  _globals['_ROTATIONSTATUSRESPONSE']._serialized_end=590
+  _globals['_GETCERTIFICATEREQUEST']._serialized_start=592
+  _globals['_GETCERTIFICATEREQUEST']._serialized_end=631
+  _globals['_GETCERTIFICATERESPONSE']._serialized_start=634
+  _globals['_GETCERTIFICATERESPONSE']._serialized_end=798
+  _globals['_CREATEENROLLMENTTOKENREQUEST']._serialized_start=800
+  _globals['_CREATEENROLLMENTTOKENREQUEST']._serialized_end=870
+  _globals['_CREATEENROLLMENTTOKENRESPONSE']._serialized_start=872
+  _globals['_CREATEENROLLMENTTOKENRESPONSE']._serialized_end=968
+  _globals['_REVOKEDEVICEREQUEST']._serialized_start=970
+  _globals['_REVOKEDEVICEREQUEST']._serialized_end=1026
+  _globals['_REVOKEDEVICERESPONSE']._serialized_start=1028
+  _globals['_REVOKEDEVICERESPONSE']._serialized_end=1125
+  _globals['_LISTDEVICESREQUEST']._serialized_start=1127
+  _globals['_LISTDEVICESREQUEST']._serialized_end=1147
+  _globals['_DEVICESUMMARY']._serialized_start=1150
+  _globals['_DEVICESUMMARY']._serialized_end=1294
+  _globals['_LISTDEVICESRESPONSE']._serialized_start=1296
+  _globals['_LISTDEVICESRESPONSE']._serialized_end=1360
+  _globals['_ADMINSERVICE']._serialized_start=1363
+  _globals['_ADMINSERVICE']._serialized_end=1986
 # @@protoc_insertion_point(module_scope)

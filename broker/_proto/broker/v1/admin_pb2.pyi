@@ -6,6 +6,86 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RevokeAppInstanceRequest(_message.Message):
+    __slots__ = ("app_id", "reason")
+    APP_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    app_id: str
+    reason: str
+    def __init__(self, app_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RevokeAppInstanceResponse(_message.Message):
+    __slots__ = ("app_id", "user_id", "sessions_ended")
+    APP_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_ENDED_FIELD_NUMBER: _ClassVar[int]
+    app_id: str
+    user_id: str
+    sessions_ended: int
+    def __init__(self, app_id: _Optional[str] = ..., user_id: _Optional[str] = ..., sessions_ended: _Optional[int] = ...) -> None: ...
+
+class ReloadPkiRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReloadPkiResponse(_message.Message):
+    __slots__ = ("trust_bundle_version", "bundle_changed", "cameras_notified", "issuing_ca_serial")
+    TRUST_BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    CAMERAS_NOTIFIED_FIELD_NUMBER: _ClassVar[int]
+    ISSUING_CA_SERIAL_FIELD_NUMBER: _ClassVar[int]
+    trust_bundle_version: str
+    bundle_changed: bool
+    cameras_notified: int
+    issuing_ca_serial: str
+    def __init__(self, trust_bundle_version: _Optional[str] = ..., bundle_changed: _Optional[bool] = ..., cameras_notified: _Optional[int] = ..., issuing_ca_serial: _Optional[str] = ...) -> None: ...
+
+class RotationStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RotationStatusResponse(_message.Message):
+    __slots__ = ("trust_bundle_version", "active_devices", "online_devices", "devices_with_current_bundle", "online_with_current_bundle", "lagging_device_ids", "root_rotation_pending")
+    TRUST_BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_WITH_CURRENT_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_WITH_CURRENT_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    LAGGING_DEVICE_IDS_FIELD_NUMBER: _ClassVar[int]
+    ROOT_ROTATION_PENDING_FIELD_NUMBER: _ClassVar[int]
+    trust_bundle_version: str
+    active_devices: int
+    online_devices: int
+    devices_with_current_bundle: int
+    online_with_current_bundle: int
+    lagging_device_ids: _containers.RepeatedScalarFieldContainer[str]
+    root_rotation_pending: bool
+    def __init__(self, trust_bundle_version: _Optional[str] = ..., active_devices: _Optional[int] = ..., online_devices: _Optional[int] = ..., devices_with_current_bundle: _Optional[int] = ..., online_with_current_bundle: _Optional[int] = ..., lagging_device_ids: _Optional[_Iterable[str]] = ..., root_rotation_pending: _Optional[bool] = ...) -> None: ...
+
+class GetCertificateRequest(_message.Message):
+    __slots__ = ("serial",)
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    serial: str
+    def __init__(self, serial: _Optional[str] = ...) -> None: ...
+
+class GetCertificateResponse(_message.Message):
+    __slots__ = ("serial", "spiffe_id", "status", "not_before", "not_after", "superseded_by", "revocation_reason")
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDED_BY_FIELD_NUMBER: _ClassVar[int]
+    REVOCATION_REASON_FIELD_NUMBER: _ClassVar[int]
+    serial: str
+    spiffe_id: str
+    status: str
+    not_before: int
+    not_after: int
+    superseded_by: str
+    revocation_reason: str
+    def __init__(self, serial: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., status: _Optional[str] = ..., not_before: _Optional[int] = ..., not_after: _Optional[int] = ..., superseded_by: _Optional[str] = ..., revocation_reason: _Optional[str] = ...) -> None: ...
+
 class CreateEnrollmentTokenRequest(_message.Message):
     __slots__ = ("device_id", "ttl_seconds")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]

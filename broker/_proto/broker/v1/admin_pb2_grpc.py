@@ -51,6 +51,26 @@ class AdminServiceStub:
                 request_serializer=broker_dot_v1_dot_admin__pb2.ListDevicesRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_admin__pb2.ListDevicesResponse.FromString,
                 _registered_method=True)
+        self.RevokeAppInstance = channel.unary_unary(
+                '/broker.v1.AdminService/RevokeAppInstance',
+                request_serializer=broker_dot_v1_dot_admin__pb2.RevokeAppInstanceRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_admin__pb2.RevokeAppInstanceResponse.FromString,
+                _registered_method=True)
+        self.ReloadPki = channel.unary_unary(
+                '/broker.v1.AdminService/ReloadPki',
+                request_serializer=broker_dot_v1_dot_admin__pb2.ReloadPkiRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_admin__pb2.ReloadPkiResponse.FromString,
+                _registered_method=True)
+        self.RotationStatus = channel.unary_unary(
+                '/broker.v1.AdminService/RotationStatus',
+                request_serializer=broker_dot_v1_dot_admin__pb2.RotationStatusRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_admin__pb2.RotationStatusResponse.FromString,
+                _registered_method=True)
+        self.GetCertificate = channel.unary_unary(
+                '/broker.v1.AdminService/GetCertificate',
+                request_serializer=broker_dot_v1_dot_admin__pb2.GetCertificateRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_admin__pb2.GetCertificateResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -76,6 +96,31 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeAppInstance(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReloadPki(self, request, context):
+        """Re-read certs/ after an offline rotation and push a changed trust bundle to every camera.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotationStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCertificate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +138,26 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListDevices,
                     request_deserializer=broker_dot_v1_dot_admin__pb2.ListDevicesRequest.FromString,
                     response_serializer=broker_dot_v1_dot_admin__pb2.ListDevicesResponse.SerializeToString,
+            ),
+            'RevokeAppInstance': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeAppInstance,
+                    request_deserializer=broker_dot_v1_dot_admin__pb2.RevokeAppInstanceRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_admin__pb2.RevokeAppInstanceResponse.SerializeToString,
+            ),
+            'ReloadPki': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadPki,
+                    request_deserializer=broker_dot_v1_dot_admin__pb2.ReloadPkiRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_admin__pb2.ReloadPkiResponse.SerializeToString,
+            ),
+            'RotationStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotationStatus,
+                    request_deserializer=broker_dot_v1_dot_admin__pb2.RotationStatusRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_admin__pb2.RotationStatusResponse.SerializeToString,
+            ),
+            'GetCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCertificate,
+                    request_deserializer=broker_dot_v1_dot_admin__pb2.GetCertificateRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_admin__pb2.GetCertificateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +243,114 @@ class AdminService:
             '/broker.v1.AdminService/ListDevices',
             broker_dot_v1_dot_admin__pb2.ListDevicesRequest.SerializeToString,
             broker_dot_v1_dot_admin__pb2.ListDevicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeAppInstance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.AdminService/RevokeAppInstance',
+            broker_dot_v1_dot_admin__pb2.RevokeAppInstanceRequest.SerializeToString,
+            broker_dot_v1_dot_admin__pb2.RevokeAppInstanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadPki(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.AdminService/ReloadPki',
+            broker_dot_v1_dot_admin__pb2.ReloadPkiRequest.SerializeToString,
+            broker_dot_v1_dot_admin__pb2.ReloadPkiResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotationStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.AdminService/RotationStatus',
+            broker_dot_v1_dot_admin__pb2.RotationStatusRequest.SerializeToString,
+            broker_dot_v1_dot_admin__pb2.RotationStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.AdminService/GetCertificate',
+            broker_dot_v1_dot_admin__pb2.GetCertificateRequest.SerializeToString,
+            broker_dot_v1_dot_admin__pb2.GetCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,29 +25,33 @@ _sym_db = _symbol_database.Default()
 from broker._proto.broker.v1 import common_pb2 as broker_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62roker/v1/bootstrap.proto\x12\tbroker.v1\x1a\x16\x62roker/v1/common.proto\"\x17\n\x15GetTrustBundleRequest\"F\n\x16GetTrustBundleResponse\x12,\n\x0ctrust_bundle\x18\x01 \x01(\x0b\x32\x16.broker.v1.TrustBundle\"@\n\x13\x45nrollDeviceRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\x12\x18\n\x10\x65nrollment_token\x18\x02 \x01(\t\"\xc5\x01\n\x14\x45nrollDeviceResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x1d\n\x15\x63\x65rtificate_chain_pem\x18\x03 \x01(\t\x12,\n\x0ctrust_bundle\x18\x04 \x01(\x0b\x32\x16.broker.v1.TrustBundle\x12\x11\n\tnot_after\x18\x05 \x01(\x03\x12\x13\n\x0brenew_after\x18\x06 \x01(\x03\x12\x12\n\nclaim_code\x18\x07 \x01(\t\":\n\x14\x43reateAccountRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"(\n\x15\x43reateAccountResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"V\n\x10\x45nrollAppRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\t\x12\r\n\x05label\x18\x04 \x01(\t\"\xbc\x01\n\x11\x45nrollAppResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61pp_id\x18\x02 \x01(\t\x12\x11\n\tspiffe_id\x18\x03 \x01(\t\x12\x1d\n\x15\x63\x65rtificate_chain_pem\x18\x04 \x01(\t\x12,\n\x0ctrust_bundle\x18\x05 \x01(\x0b\x32\x16.broker.v1.TrustBundle\x12\x11\n\tnot_after\x18\x06 \x01(\x03\x12\x13\n\x0brenew_after\x18\x07 \x01(\x03\x32\xcf\x02\n\tBootstrap\x12U\n\x0eGetTrustBundle\x12 .broker.v1.GetTrustBundleRequest\x1a!.broker.v1.GetTrustBundleResponse\x12O\n\x0c\x45nrollDevice\x12\x1e.broker.v1.EnrollDeviceRequest\x1a\x1f.broker.v1.EnrollDeviceResponse\x12R\n\rCreateAccount\x12\x1f.broker.v1.CreateAccountRequest\x1a .broker.v1.CreateAccountResponse\x12\x46\n\tEnrollApp\x12\x1b.broker.v1.EnrollAppRequest\x1a\x1c.broker.v1.EnrollAppResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62roker/v1/bootstrap.proto\x12\tbroker.v1\x1a\x16\x62roker/v1/common.proto\"\x0f\n\rGetCRLRequest\"!\n\x0eGetCRLResponse\x12\x0f\n\x07\x63rl_pem\x18\x01 \x01(\t\"\x17\n\x15GetTrustBundleRequest\"F\n\x16GetTrustBundleResponse\x12,\n\x0ctrust_bundle\x18\x01 \x01(\x0b\x32\x16.broker.v1.TrustBundle\"@\n\x13\x45nrollDeviceRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\x12\x18\n\x10\x65nrollment_token\x18\x02 \x01(\t\"\xc5\x01\n\x14\x45nrollDeviceResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x1d\n\x15\x63\x65rtificate_chain_pem\x18\x03 \x01(\t\x12,\n\x0ctrust_bundle\x18\x04 \x01(\x0b\x32\x16.broker.v1.TrustBundle\x12\x11\n\tnot_after\x18\x05 \x01(\x03\x12\x13\n\x0brenew_after\x18\x06 \x01(\x03\x12\x12\n\nclaim_code\x18\x07 \x01(\t\":\n\x14\x43reateAccountRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"(\n\x15\x43reateAccountResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"V\n\x10\x45nrollAppRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\t\x12\r\n\x05label\x18\x04 \x01(\t\"\xbc\x01\n\x11\x45nrollAppResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61pp_id\x18\x02 \x01(\t\x12\x11\n\tspiffe_id\x18\x03 \x01(\t\x12\x1d\n\x15\x63\x65rtificate_chain_pem\x18\x04 \x01(\t\x12,\n\x0ctrust_bundle\x18\x05 \x01(\x0b\x32\x16.broker.v1.TrustBundle\x12\x11\n\tnot_after\x18\x06 \x01(\x03\x12\x13\n\x0brenew_after\x18\x07 \x01(\x03\x32\x8e\x03\n\tBootstrap\x12U\n\x0eGetTrustBundle\x12 .broker.v1.GetTrustBundleRequest\x1a!.broker.v1.GetTrustBundleResponse\x12O\n\x0c\x45nrollDevice\x12\x1e.broker.v1.EnrollDeviceRequest\x1a\x1f.broker.v1.EnrollDeviceResponse\x12R\n\rCreateAccount\x12\x1f.broker.v1.CreateAccountRequest\x1a .broker.v1.CreateAccountResponse\x12\x46\n\tEnrollApp\x12\x1b.broker.v1.EnrollAppRequest\x1a\x1c.broker.v1.EnrollAppResponse\x12=\n\x06GetCRL\x12\x18.broker.v1.GetCRLRequest\x1a\x19.broker.v1.GetCRLResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'broker.v1.bootstrap_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETTRUSTBUNDLEREQUEST']._serialized_start=64
-  _globals['_GETTRUSTBUNDLEREQUEST']._serialized_end=87
-  _globals['_GETTRUSTBUNDLERESPONSE']._serialized_start=89
-  _globals['_GETTRUSTBUNDLERESPONSE']._serialized_end=159
-  _globals['_ENROLLDEVICEREQUEST']._serialized_start=161
-  _globals['_ENROLLDEVICEREQUEST']._serialized_end=225
-  _globals['_ENROLLDEVICERESPONSE']._serialized_start=228
-  _globals['_ENROLLDEVICERESPONSE']._serialized_end=425
-  _globals['_CREATEACCOUNTREQUEST']._serialized_start=427
-  _globals['_CREATEACCOUNTREQUEST']._serialized_end=485
-  _globals['_CREATEACCOUNTRESPONSE']._serialized_start=487
-  _globals['_CREATEACCOUNTRESPONSE']._serialized_end=527
-  _globals['_ENROLLAPPREQUEST']._serialized_start=529
-  _globals['_ENROLLAPPREQUEST']._serialized_end=615
-  _globals['_ENROLLAPPRESPONSE']._serialized_start=618
-  _globals['_ENROLLAPPRESPONSE']._serialized_end=806
-  _globals['_BOOTSTRAP']._serialized_start=809
-  _globals['_BOOTSTRAP']._serialized_end=1144
+  _globals['_GETCRLREQUEST']._serialized_start=64
+  _globals['_GETCRLREQUEST']._serialized_end=79
+  _globals['_GETCRLRESPONSE']._serialized_start=81
+  _globals['_GETCRLRESPONSE']._serialized_end=114
+  _globals['_GETTRUSTBUNDLEREQUEST']._serialized_start=116
+  _globals['_GETTRUSTBUNDLEREQUEST']._serialized_end=139
+  _globals['_GETTRUSTBUNDLERESPONSE']._serialized_start=141
+  _globals['_GETTRUSTBUNDLERESPONSE']._serialized_end=211
+  _globals['_ENROLLDEVICEREQUEST']._serialized_start=213
+  _globals['_ENROLLDEVICEREQUEST']._serialized_end=277
+  _globals['_ENROLLDEVICERESPONSE']._serialized_start=280
+  _globals['_ENROLLDEVICERESPONSE']._serialized_end=477
+  _globals['_CREATEACCOUNTREQUEST']._serialized_start=479
+  _globals['_CREATEACCOUNTREQUEST']._serialized_end=537
+  _globals['_CREATEACCOUNTRESPONSE']._serialized_start=539
+  _globals['_CREATEACCOUNTRESPONSE']._serialized_end=579
+  _globals['_ENROLLAPPREQUEST']._serialized_start=581
+  _globals['_ENROLLAPPREQUEST']._serialized_end=667
+  _globals['_ENROLLAPPRESPONSE']._serialized_start=670
+  _globals['_ENROLLAPPRESPONSE']._serialized_end=858
+  _globals['_BOOTSTRAP']._serialized_start=861
+  _globals['_BOOTSTRAP']._serialized_end=1259
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class GetCRLRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetCRLResponse(_message.Message):
+    __slots__ = ("crl_pem",)
+    CRL_PEM_FIELD_NUMBER: _ClassVar[int]
+    crl_pem: str
+    def __init__(self, crl_pem: _Optional[str] = ...) -> None: ...
+
 class GetTrustBundleRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

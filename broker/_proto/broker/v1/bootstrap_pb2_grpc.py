@@ -56,6 +56,11 @@ class BootstrapStub:
                 request_serializer=broker_dot_v1_dot_bootstrap__pb2.EnrollAppRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_bootstrap__pb2.EnrollAppResponse.FromString,
                 _registered_method=True)
+        self.GetCRL = channel.unary_unary(
+                '/broker.v1.Bootstrap/GetCRL',
+                request_serializer=broker_dot_v1_dot_bootstrap__pb2.GetCRLRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_bootstrap__pb2.GetCRLResponse.FromString,
+                _registered_method=True)
 
 
 class BootstrapServicer:
@@ -89,6 +94,13 @@ class BootstrapServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCRL(self, request, context):
+        """Current CRLs (PEM), one per issuing CA still trusted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BootstrapServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +123,11 @@ def add_BootstrapServicer_to_server(servicer, server):
                     servicer.EnrollApp,
                     request_deserializer=broker_dot_v1_dot_bootstrap__pb2.EnrollAppRequest.FromString,
                     response_serializer=broker_dot_v1_dot_bootstrap__pb2.EnrollAppResponse.SerializeToString,
+            ),
+            'GetCRL': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCRL,
+                    request_deserializer=broker_dot_v1_dot_bootstrap__pb2.GetCRLRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_bootstrap__pb2.GetCRLResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +240,33 @@ class Bootstrap:
             '/broker.v1.Bootstrap/EnrollApp',
             broker_dot_v1_dot_bootstrap__pb2.EnrollAppRequest.SerializeToString,
             broker_dot_v1_dot_bootstrap__pb2.EnrollAppResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCRL(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.Bootstrap/GetCRL',
+            broker_dot_v1_dot_bootstrap__pb2.GetCRLRequest.SerializeToString,
+            broker_dot_v1_dot_bootstrap__pb2.GetCRLResponse.FromString,
             options,
             channel_credentials,
             insecure,
