@@ -7,6 +7,7 @@ The app's key is generated here and never leaves; the identity lives in a direct
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -26,7 +27,7 @@ from broker._proto.broker.v1 import (
 )
 from broker.client.bundle import load_bundle, save_bundle
 from broker.client.channels import mtls_channel, tls_channel
-from broker.client.device import Endpoints, make_csr
+from broker.client.device import Endpoints, ReenrollmentRequired, make_csr
 from broker.clock import Clock, SystemClock
 from broker.e2e import (
     FrameRejected,
@@ -176,6 +177,18 @@ class AppClient:
         )
         self._save(key, response.certificate_chain_pem, state, response.trust_bundle)
         return state
+
+    async def renew_if_due(self, now: float | None = None) -> bool:
+        """Renew after renew_after (2/3 of the 7-day lifetime); after expiry the user must log in
+        again (EnrollApp), which this raises as ReenrollmentRequired."""
+        moment = now if now is not None else time.time()
+        state = self.state
+        if moment >= state.not_after:
+            raise ReenrollmentRequired("app certificate expired: log in again to enroll this app")
+        if moment < state.renew_after:
+            return False
+        await self.renew()
+        return True
 
     # -- devices -------------------------------------------------------------------------------
     async def claim(self, device_id: str, claim_code: str) -> None:

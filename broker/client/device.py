@@ -7,6 +7,7 @@ The key is generated on the device and never leaves it; the identity lives in a 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import time
@@ -46,6 +47,10 @@ class DeviceState:
     renew_after: int
     trust_bundle_version: str
     claim_code: str = ""
+
+
+class ReenrollmentRequired(Exception):
+    """The device certificate expired; only a fresh enrollment can restore the identity."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,12 +231,43 @@ class DeviceClient:
         self._save(key, response.certificate_chain_pem, state, response.trust_bundle)
         return state
 
+    def renew_due_at(self) -> int:
+        """When to renew: renew_after plus a jitter derived from this certificate (up to a tenth
+        of the remaining lifetime, at most an hour), so a fleet does not renew in lockstep."""
+        state = self.state
+        window = min(3600, max(0, (state.not_after - state.renew_after) // 10))
+        digest = hashlib.sha256(self.chain_path.read_bytes()).digest()
+        return state.renew_after + (int.from_bytes(digest[:4], "big") % (window + 1))
+
     async def renew_if_due(self, now: float | None = None) -> bool:
-        """Renew when renew_after has passed; returns whether it renewed."""
-        if (now if now is not None else time.time()) < self.state.renew_after:
+        """Renew once the jittered due time has passed; returns whether it renewed.
+
+        Raises ReenrollmentRequired when the certificate already expired: a camera that was
+        offline too long must enroll again (token or birth certificate), never silently.
+        """
+        moment = now if now is not None else time.time()
+        if moment >= self.state.not_after:
+            raise ReenrollmentRequired(
+                f"device certificate expired at {self.state.not_after}: enroll again with a fresh "
+                "enrollment token or the factory birth certificate"
+            )
+        if moment < self.renew_due_at():
             return False
         await self.renew()
         return True
+
+    async def ensure_identity(
+        self, now: float | None = None, birth: tuple[bytes, bytes] | None = None
+    ) -> str:
+        """Keep the identity usable: 'ok', 'renewed', or 're-enrolled' (with the birth
+        certificate and key, when given, after expiry). Raises ReenrollmentRequired otherwise."""
+        try:
+            return "renewed" if await self.renew_if_due(now) else "ok"
+        except ReenrollmentRequired:
+            if birth is None:
+                raise
+            await self.enroll_with_birth_certificate(*birth)
+            return "re-enrolled"
 
     @asynccontextmanager
     async def attach(self, heartbeat_interval: float = 15.0) -> AsyncIterator[AttachSession]:
