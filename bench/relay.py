@@ -174,6 +174,11 @@ async def _watch_run(clients: list[tuple[Any, str]], warmup: float, duration: fl
         except HandshakeError as error:
             w.error = f"handshake: {error.message}"
             w.mismatches += 1
+        finally:
+            if not w.first_frame:  # failed before its first frame: do not hold the others up
+                got_first += 1
+                if got_first == len(clients):
+                    everyone.set()
 
     started = time.monotonic()
     tasks = [asyncio.create_task(watch(app, device_id, w))
@@ -272,6 +277,8 @@ class RunResult:
     steal: float
     late: list[float]
     sent_total: int
+    online: int
+    cameras_ended: list[str]
 
     @property
     def rate(self) -> float:
@@ -300,7 +307,8 @@ def one_run(broker: BrokerChild, clients: Clients, streams: int, fps: float, war
         dropped=sum(w["dropped"] for w in watchers),
         errors=[w["error"] for w in watchers if w["error"]],
         setup=out["setup"], cpu=cpu, machine=out["machine"], steal=out["steal"],
-        late=cams["late"], sent_total=cams["sent"],
+        late=cams["late"], sent_total=cams["sent"], online=broker.stats()["online"],
+        cameras_ended=cams["ended"],
     )
 
 
@@ -311,11 +319,13 @@ def print_run(index: int, r: RunResult) -> None:
           f"  added latency p50 {r.q(0.5):5.2f} ms  p99 {r.q(0.99):5.2f} ms"
           f"  p99.9 {r.q(0.999):5.2f} ms  max {r.q(1.0):6.2f} ms"
           f"  mismatches {r.mismatches}  rejected {r.rejected}  dropped {r.dropped}")
-    print(f"         CPU of a core: {cpu}; machine {r.machine:.2f}/{ncpu} cores busy"
-          f" (steal {r.steal:.2f}); camera pacing late p99 {1e3 * pct(r.late, 0.99):.2f} ms;"
+    others = max(0.0, r.machine - sum(r.cpu.values()) / r.wall)
+    print(f"         CPU of a core: {cpu}; machine {r.machine:.2f}/{ncpu} cores busy, of which "
+          f"{others:.2f} by other processes (steal {r.steal:.2f}); camera pacing late p99 {1e3 * pct(r.late, 0.99):.2f} ms;"
           f" all {r.streams} watchers streaming after {r.setup:.2f} s")
     if r.errors:
-        print(f"         watcher errors: {Counter(r.errors).most_common(3)}")
+        print(f"         watcher errors: {Counter(r.errors).most_common(3)}; cameras online at the "
+              f"broker {r.online}; camera Attach calls ended: {Counter(r.cameras_ended)}")
 
 
 def print_median(runs: list[RunResult]) -> None:
@@ -331,8 +341,10 @@ def print_median(runs: list[RunResult]) -> None:
     print(f"  MEDIAN of {len(runs)}: {median(rates):,.0f} frames/s  added latency p50 "
           f"{median(p50s):.2f} ms  p99 {median(p99s):.2f} ms  (p99 range {min(p99s):.2f}-"
           f"{max(p99s):.2f} ms)  mismatches {sum(r.mismatches + r.rejected for r in runs)}")
+    others = median([max(0.0, r.machine - sum(r.cpu.values()) / r.wall) for r in runs])
     print(f"  CPU per delivered frame: {per_frame};  machine busy {median([r.machine for r in runs]):.2f}"
-          f"/{os.cpu_count()} cores;  broker {100 * cpu['broker'] / wall:.0f}% of a core")
+          f"/{os.cpu_count()} cores ({others:.2f} by other processes);  broker "
+          f"{100 * cpu['broker'] / wall:.0f}% of a core")
 
 
 PROFILES = (("threads", ["--threads", "--nonblocking"]), ("gil", ["--threads", "--gil"]))
