@@ -169,8 +169,9 @@ class DeviceAuthority:
             with self._store.transaction() as tx:
                 record = tx.consume_enrollment_token(token_hash, now)
                 if record is None:
-                    reason = _token_refusal_reason(tx.get_enrollment_token(token_hash), now)
-                    raise _Refused(reason, "")
+                    known = tx.get_enrollment_token(token_hash)
+                    reason = _token_refusal_reason(known, now)
+                    raise _Refused(reason, known.device_id if known else "")
                 identity = device(self._config.trust_domain, record.device_id)
                 refusal = self._enrollment_refusal(tx, identity, key)
                 if refusal is not None:

@@ -120,8 +120,11 @@ def verify_device_chain(
     for cert in (leaf, issuer):
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             raise HandshakeError("device certificate chain is expired or not yet valid")
-    basic = leaf.extensions.get_extension_for_class(x509.BasicConstraints).value
-    eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    try:
+        basic = leaf.extensions.get_extension_for_class(x509.BasicConstraints).value
+        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:  # e.g. a CA certificate presented as the leaf
+        raise HandshakeError("device certificate does not have the device profile") from None
     if basic.ca or ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
         raise HandshakeError("device certificate does not have the device profile")
     try:
