@@ -7,6 +7,7 @@ a revocation ending a live stream → the owner's access log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import tempfile
 import time
@@ -117,7 +118,8 @@ async def story(home: Path) -> None:
             "revoke",
             f"operator revoked cam-nursery; anna's live stream ended in {elapsed:.0f} ms: {reason!r}",
         )
-        await asyncio.sleep(0.2)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(camera_task), 5)  # the camera sees its revocation
         say(
             "camera",
             f"camera's Attach stream ended: {camera.ended.code().name if camera.ended else 'still open?!'}",

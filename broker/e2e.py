@@ -92,6 +92,14 @@ def verify_transcript_signature(cert: x509.Certificate, data: bytes, signature: 
         raise HandshakeError("the camera's handshake signature does not verify") from None
 
 
+def _directly_issued(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
 def verify_device_chain(
     chain_pem: str,
     issuing_cas: list[x509.Certificate],
@@ -110,13 +118,13 @@ def verify_device_chain(
     except ValueError:
         raise HandshakeError("device certificate chain is not PEM") from None
     leaf = certs[0]
-    issuer = next((ca for ca in issuing_cas if ca.subject == leaf.issuer), None)
-    if issuer is None:
+    candidates = [ca for ca in issuing_cas if ca.subject == leaf.issuer]
+    if not candidates:
         raise HandshakeError("device certificate is not from a trusted issuing CA")
-    try:
-        leaf.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        raise HandshakeError("device certificate signature does not verify") from None
+    # Issuing CAs may share a name (rotated within the same second): the key decides.
+    issuer = next((ca for ca in candidates if _directly_issued(leaf, ca)), None)
+    if issuer is None:
+        raise HandshakeError("device certificate signature does not verify")
     for cert in (leaf, issuer):
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             raise HandshakeError("device certificate chain is expired or not yet valid")

@@ -144,10 +144,16 @@ class Sessions:
         raise denial
 
     def verify_for_watch(
-        self, caller: Identity, cnf_thumbprint: str, session_id: str, token: str
+        self,
+        caller: Identity,
+        cnf_thumbprint: str,
+        session_id: str,
+        token: str,
+        app_ephemeral_key: bytes | None = None,
     ) -> SessionClaims:
         """Broker-side check before a stream starts: signature (pinned alg), iss, exp, audience,
-        cnf = the presenting certificate, the session record, and the grant, all re-read (I4, I5)."""
+        cnf = the presenting certificate, the app key named by the token, the session record, and
+        the grant, all re-read (I4, I5)."""
         if caller.kind is not Kind.APP:
             raise PermissionDenied("sessions are only for app instances")
         with self._store.read() as tx:
@@ -163,6 +169,13 @@ class Sessions:
             raise PermissionDenied("token is bound to another app certificate")
         if claims.user_id != caller.name or claims.app_id != caller.app_id:
             raise PermissionDenied("token was minted for another app instance")
+        if (
+            app_ephemeral_key is not None
+            and key_hash(app_ephemeral_key) != claims.ephemeral_key_hash
+        ):
+            raise PermissionDenied(
+                "app_ephemeral_public_key is not the key this session was opened with"
+            )
         with self._store.read() as tx:
             require_grant(tx, caller.name, record.device_id, unix(self._clock.now()))
         return claims

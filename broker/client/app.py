@@ -27,7 +27,7 @@ from broker._proto.broker.v1 import (
 )
 from broker.client.bundle import load_bundle, save_bundle
 from broker.client.channels import mtls_channel, tls_channel
-from broker.client.device import Endpoints, ReenrollmentRequired, make_csr
+from broker.client.device import Endpoints, ReenrollmentRequired, jittered_renewal, make_csr
 from broker.clock import Clock, SystemClock
 from broker.e2e import (
     FrameRejected,
@@ -137,6 +137,24 @@ class AppClient:
             save_bundle(self.trust_path, bundle)
         write_atomic(self.state_path, json.dumps(asdict(state)).encode())
 
+    async def refresh_trust_bundle(self) -> bool:
+        """Fetch the broker's current trust bundle (over TLS verified with the pinned roots) and
+        keep it; returns whether it differs from the one held. Apps have no Attach stream to get
+        rotations pushed, so they refresh when a camera's chain does not verify."""
+        async with self._bootstrap() as ch:
+            response = await bootstrap_pb2_grpc.BootstrapStub(ch).GetTrustBundle(
+                bootstrap_pb2.GetTrustBundleRequest(), timeout=30
+            )
+        bundle = response.trust_bundle
+        if not bundle.ca_certificates_pem:
+            return False
+        held = load_bundle(self.trust_path).version if self.trust_path.exists() else ""
+        if bundle.version == held:
+            return False
+        write_atomic(self.bundle_path, bundle.ca_certificates_pem.encode("ascii"))
+        save_bundle(self.trust_path, bundle)
+        return True
+
     # -- account -------------------------------------------------------------------------------
     async def create_account(self, username: str, password: str) -> str:
         """Sign up; returns the new user_id."""
@@ -178,14 +196,20 @@ class AppClient:
         self._save(key, response.certificate_chain_pem, state, response.trust_bundle)
         return state
 
+    def renew_due_at(self) -> int:
+        """When to renew: renew_after (2/3 of the lifetime) plus the same certificate-derived
+        jitter as cameras, so app instances do not renew in lockstep."""
+        state = self.state
+        return jittered_renewal(state.renew_after, state.not_after, self.chain_path.read_bytes())
+
     async def renew_if_due(self, now: float | None = None) -> bool:
-        """Renew after renew_after (2/3 of the 7-day lifetime); after expiry the user must log in
-        again (EnrollApp), which this raises as ReenrollmentRequired."""
+        """Renew once the jittered due time has passed; after expiry the user must log in again
+        (EnrollApp), which this raises as ReenrollmentRequired."""
         moment = now if now is not None else time.time()
         state = self.state
         if moment >= state.not_after:
             raise ReenrollmentRequired("app certificate expired: log in again to enroll this app")
-        if moment < state.renew_after:
+        if moment < self.renew_due_at():
             return False
         await self.renew()
         return True
@@ -326,7 +350,14 @@ class WatchStream:
             kind = event.WhichOneof("kind")
             if kind == "hello":
                 self.hello = event.hello
-                self.opener = self._verify_hello(event.hello)
+                try:
+                    self.opener = self._verify_hello(event.hello)
+                except HandshakeError:
+                    # The camera may hold a certificate from an issuing CA (or root) rotated in
+                    # after this app last got the bundle: refresh it once, then verify again.
+                    if not await self._app.refresh_trust_bundle():
+                        raise
+                    self.opener = self._verify_hello(event.hello)
             elif kind == "frame":
                 self.dropped = event.frame.dropped
                 if self.opener is None:

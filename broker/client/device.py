@@ -11,8 +11,8 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,6 +51,78 @@ class DeviceState:
 
 class ReenrollmentRequired(Exception):
     """The device certificate expired; only a fresh enrollment can restore the identity."""
+
+
+class TlsHandshakeFailed(grpc.aio.AioRpcError):  # type: ignore[misc]
+    """UNAVAILABLE because the TLS handshake with the broker failed, with the reason in plain words
+    (gRPC itself only says "failed to connect to all addresses", or "Socket closed")."""
+
+    def __init__(self, error: grpc.aio.AioRpcError, reason: str) -> None:
+        super().__init__(
+            error.code(),
+            error.initial_metadata(),
+            error.trailing_metadata(),
+            f"{reason} [{error.details()}]",
+            error.debug_error_string(),
+        )
+        self.reason = reason
+
+
+def _chains_to_roots(chain_pem: bytes, roots_pem: bytes) -> bool:
+    """Whether the chain's leaf reaches one of the roots directly or through the chain's CAs."""
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        chain = x509.load_pem_x509_certificates(chain_pem)
+        roots = x509.load_pem_x509_certificates(roots_pem)
+    except ValueError:
+        return False
+
+    def issued(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+        try:
+            cert.verify_directly_issued_by(issuer)
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+        return True
+
+    current = chain[0]
+    for _ in range(len(chain)):
+        if any(issued(current, root) for root in roots):
+            return True
+        parent = next((c for c in chain[1:] if c is not current and issued(current, c)), None)
+        if parent is None:
+            return False
+        current = parent
+    return False
+
+
+def explain_handshake_failure(
+    error: grpc.RpcError, ca_bundle_pem: bytes, chain_pem: bytes | None = None
+) -> str | None:
+    """Why a call to the broker failed in the TLS handshake, when that can be told; else None."""
+    if error.code() is not grpc.StatusCode.UNAVAILABLE:
+        return None
+    if "CERTIFICATE_VERIFY_FAILED" in (error.details() or ""):
+        return (
+            "TLS handshake failed: the broker's certificate does not chain to a root in this "
+            "device's trust bundle (ca-bundle.pem); the bundle is out of date (a root was retired "
+            "while the device was offline): re-provision the trust bundle and re-enroll"
+        )
+    if chain_pem and not _chains_to_roots(chain_pem, ca_bundle_pem):
+        return (
+            "TLS handshake failed: this device's certificate does not chain to a root in its trust "
+            "bundle, so the broker no longer accepts it (its root was retired before the device "
+            "renewed): re-enroll with an enrollment token or the birth certificate"
+        )
+    return None
+
+
+def jittered_renewal(renew_after: int, not_after: int, chain_pem: bytes) -> int:
+    """renew_after plus a jitter derived from the certificate: up to a tenth of the time left
+    after renew_after, at most an hour (stable for one certificate, spread across a fleet)."""
+    window = min(3600, max(0, (not_after - renew_after) // 10))
+    digest = hashlib.sha256(chain_pem).digest()
+    return renew_after + (int.from_bytes(digest[:4], "big") % (window + 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +273,22 @@ class DeviceClient:
         return state
 
     # -- main listener -------------------------------------------------------------------------
+    def explained(self, error: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+        """error, or a TlsHandshakeFailed saying why the handshake failed when that can be told."""
+        chain = self.chain_path.read_bytes() if self.chain_path.exists() else None
+        reason = explain_handshake_failure(error, self.bundle_path.read_bytes(), chain)
+        return error if reason is None else TlsHandshakeFailed(error, reason)
+
+    @contextmanager
+    def _clear_tls_failures(self) -> Iterator[None]:
+        try:
+            yield
+        except grpc.aio.AioRpcError as error:
+            clear = self.explained(error)
+            if clear is error:
+                raise
+            raise clear from error
+
     def channel(self) -> grpc.aio.Channel:
         """A mutual-TLS channel to the main listener with the current device certificate."""
         return mtls_channel(
@@ -215,10 +303,11 @@ class DeviceClient:
         """Get a new certificate (with a new key) for the same identity."""
         key = ec.generate_private_key(ec.SECP256R1())
         request = device_pb2.RenewCertificateRequest(csr_pem=make_csr(key))
-        async with self.channel() as ch:
-            response = await device_pb2_grpc.DeviceServiceStub(ch).RenewCertificate(
-                request, timeout=30
-            )
+        with self._clear_tls_failures():
+            async with self.channel() as ch:
+                response = await device_pb2_grpc.DeviceServiceStub(ch).RenewCertificate(
+                    request, timeout=30
+                )
         old = self.state
         state = DeviceState(
             device_id=old.device_id,
@@ -235,9 +324,7 @@ class DeviceClient:
         """When to renew: renew_after plus a jitter derived from this certificate (up to a tenth
         of the remaining lifetime, at most an hour), so a fleet does not renew in lockstep."""
         state = self.state
-        window = min(3600, max(0, (state.not_after - state.renew_after) // 10))
-        digest = hashlib.sha256(self.chain_path.read_bytes()).digest()
-        return state.renew_after + (int.from_bytes(digest[:4], "big") % (window + 1))
+        return jittered_renewal(state.renew_after, state.not_after, self.chain_path.read_bytes())
 
     async def renew_if_due(self, now: float | None = None) -> bool:
         """Renew once the jittered due time has passed; returns whether it renewed.
@@ -275,14 +362,16 @@ class DeviceClient:
         async with self.channel() as ch:
             call = device_pb2_grpc.DeviceServiceStub(ch).Attach()
             session = AttachSession(call, self)
-            await session._write(
-                device_pb2.DeviceMessage(
-                    hello=device_pb2.Hello(trust_bundle_version=self.state.trust_bundle_version)
+            with self._clear_tls_failures():
+                await session._write(
+                    device_pb2.DeviceMessage(
+                        hello=device_pb2.Hello(trust_bundle_version=self.state.trust_bundle_version)
+                    )
                 )
-            )
             beats = asyncio.create_task(session.heartbeats(heartbeat_interval))
             try:
-                yield session
+                with self._clear_tls_failures():
+                    yield session
             finally:
                 beats.cancel()
                 with suppress(asyncio.CancelledError, grpc.aio.AioRpcError):

@@ -131,6 +131,7 @@ class AppService(app_pb2_grpc.AppServiceServicer):
             caller_thumbprint(),
             request.session_id,
             request.token,
+            request.app_ephemeral_public_key,
         )
         device_id = claims.audience.rsplit("/", 1)[-1]
         live = self._rt.relay.open(

@@ -43,7 +43,7 @@ from broker.ownership import Ownership
 from broker.passwords import PasswordHasher
 from broker.pemfile import read_certificates
 from broker.presence import Presence
-from broker.relay import Relay
+from broker.relay import RESTART_REASON, Relay
 from broker.rotation import trusted_issuing
 from broker.service.admin import AdminService
 from broker.service.app import AppService
@@ -341,6 +341,7 @@ class BrokerServer:
 
     async def stop(self, grace: float | None = 1.0) -> None:
         """Stop all listeners; streams get `grace` seconds to finish."""
+        self.runtime.relay.end_where(RESTART_REASON)  # watchers get an end event with the reason
         self._expiry.cancel()
         await asyncio.gather(*(s.stop(grace) for s in self._servers))
         await asyncio.gather(*self._background, return_exceptions=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 
 import grpc
 import pytest
@@ -41,7 +42,9 @@ async def _drain(stream, sink: list[bytes]) -> None:
 
 async def _take(frames, count: int, timeout: float = 5.0) -> list[tuple[str, str, int]]:
     """The next count plaintexts of an open frames() iterator, parsed by the oracle."""
-    return [parse_payload(await asyncio.wait_for(frames.__anext__(), timeout)) for _ in range(count)]
+    return [
+        parse_payload(await asyncio.wait_for(frames.__anext__(), timeout)) for _ in range(count)
+    ]
 
 
 # -- I6: a broker routing bug leaks nothing -------------------------------------------------------
@@ -250,7 +253,7 @@ def test_i6_a_slow_watcher_loses_oldest_frames_and_the_queue_stays_bounded(
     sequences = [q for _, _, q in got]
     assert {(d, s) for d, s, _ in got} == {("cam-slow", ticket.session_id)}
     assert sequences == sorted(set(sequences))  # strictly increasing...
-    assert max(b - a for a, b in zip(sequences, sequences[1:], strict=False)) > 1  # ...with a gap
+    assert max(b - a for a, b in itertools.pairwise(sequences)) > 1  # ...with a gap
     assert stream.rejected == 0
 
 
@@ -307,8 +310,12 @@ def test_i5_camera_refuses_a_start_stream_not_bound_to_it(
             )
             watched = ticket
         else:
-            # The StartStream carries an app key other than the one the token was minted for.
-            watched = dataclasses.replace(ticket, ephemeral_key=x25519.X25519PrivateKey.generate())
+            # A broker bug puts an app key other than the token's into the StartStream; the
+            # broker's own check passed (the app sent its real key), so only the camera sees it.
+            original = relay.start
+            stranger = x25519.X25519PrivateKey.generate().public_key().public_bytes_raw()
+            monkeypatch.setattr(relay, "start", lambda live, token, eph: original(live, token, stranger))
+            watched = ticket
         plaintexts = []
         async with owner.watch(watched) as stream:
             async for plaintext in stream.frames():
@@ -387,3 +394,26 @@ def test_i6_app_refuses_a_hello_not_from_its_camera(
     assert error.message == expected
     assert stream.hello is not None and stream.opener is None
     assert plaintexts == []
+
+
+def test_i5_broker_refuses_a_watch_whose_app_key_is_not_the_tokens(broker, operator_channel, tmp_path):
+    """The WatchRequest's X25519 key must hash to the token's eph claim: PERMISSION_DENIED, and
+    the camera is never asked to start."""
+
+    async def scenario():
+        owner = await sdk_app(broker, tmp_path / "owner", "owner-eph")
+        cam = await sdk_camera(broker, operator_channel, tmp_path / "a", "cam-eph", owner=owner)
+        task = await start_camera(cam)
+        ticket = await owner.open_session("cam-eph")
+        swapped = dataclasses.replace(ticket, ephemeral_key=x25519.X25519PrivateKey.generate())
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async with owner.watch(swapped) as stream:
+                async for _ in stream.frames():
+                    pass
+        await stop_task(task)
+        return err.value, cam
+
+    error, cam = asyncio.run(scenario())
+    assert error.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "app_ephemeral_public_key" in error.details()
+    assert cam.stats.streams_started == 0 and cam.stats.streams_refused == 0

@@ -72,9 +72,7 @@ def test_i6_reconnect_storm_delivers_every_frame_to_the_right_watcher_only(storm
         )
         with operator_channel_of(first) as operator:
             cameras = [
-                await sdk_camera(
-                    first, operator, tmp_path / d, d, owner=o, fps=20, frame_bytes=128
-                )
+                await sdk_camera(first, operator, tmp_path / d, d, owner=o, fps=20, frame_bytes=128)
                 for d, o in zip(ids, owners, strict=True)
             ]
         tasks = await asyncio.gather(*(start_camera(c) for c in cameras))

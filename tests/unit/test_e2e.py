@@ -131,7 +131,9 @@ def test_a_signature_by_another_key_fails():
 def test_ed25519_device_keys_sign_and_verify():
     key = ed25519.Ed25519PrivateKey.generate()
     cert = make_cert(key)
-    verify_transcript_signature(cert, transcript(BINDING), sign_transcript(key, transcript(BINDING)))
+    verify_transcript_signature(
+        cert, transcript(BINDING), sign_transcript(key, transcript(BINDING))
+    )
     with pytest.raises(HandshakeError):
         verify_transcript_signature(cert, transcript(BINDING), SIGNATURE)
 
