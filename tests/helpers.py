@@ -596,3 +596,125 @@ def renew_app(broker: object, creds: AppCreds, key: object | None = None) -> App
     )
     chain = str(response.certificate_chain_pem)  # type: ignore[attr-defined]
     return AppCreds(creds.user_id, creds.app_id, creds.spiffe_id, key, chain)
+
+
+# -- rotation and renewal (issue 5) ---------------------------------------------------------------
+
+
+def served_certificate(
+    address: str, ca_pem: bytes, key_pem: bytes | None = None, chain_pem: bytes | None = None
+) -> x509.Certificate:
+    """The leaf certificate a listener presents in a fresh TLS handshake (verified against
+    ca_pem, with a client certificate when given), read with the standard library's ssl."""
+    import os
+    import socket
+    import ssl
+    import tempfile
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(cadata=ca_pem.decode("ascii"))
+    context.set_alpn_protocols(["h2"])
+    with tempfile.TemporaryDirectory() as folder:
+        if key_pem is not None and chain_pem is not None:
+            key_path, chain_path = os.path.join(folder, "k.pem"), os.path.join(folder, "c.pem")
+            with open(key_path, "wb") as f:
+                f.write(key_pem)
+            with open(chain_path, "wb") as f:
+                f.write(chain_pem)
+            context.load_cert_chain(chain_path, key_path)
+        host, port = address.rsplit(":", 1)
+        with (
+            socket.create_connection((host, int(port)), timeout=10) as raw,
+            context.wrap_socket(raw) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+@dataclass(frozen=True)
+class OperatorSnapshot:
+    """The operator's credentials as read at one moment (the CLI reads them before a rotation)."""
+
+    ca_pem: bytes
+    key_pem: bytes
+    chain_pem: bytes
+
+    @classmethod
+    def of(cls, broker: object) -> OperatorSnapshot:
+        files = broker.pki.files  # type: ignore[attr-defined]
+        return cls(
+            files.ca_bundle.read_bytes(),
+            files.operator_key.read_bytes(),
+            files.operator_chain.read_bytes(),
+        )
+
+    def call(self, broker: object, method: str, request: object) -> object:
+        """One AdminService RPC on a new mutual-TLS connection with these credentials."""
+        channel = mtls_channel(broker.main, self.ca_pem, self.key_pem, self.chain_pem)  # type: ignore[attr-defined]
+        with channel:
+            return getattr(admin_pb2_grpc.AdminServiceStub(channel), method)(request, timeout=10)
+
+
+def reload_pki(broker: object, operator: OperatorSnapshot | None = None) -> object:
+    """AdminService.ReloadPki, as `make rotate-*` ends."""
+    return (operator or OperatorSnapshot.of(broker)).call(
+        broker, "ReloadPki", admin_pb2.ReloadPkiRequest()
+    )
+
+
+def rotation_status(broker: object) -> object:
+    return OperatorSnapshot.of(broker).call(
+        broker, "RotationStatus", admin_pb2.RotationStatusRequest()
+    )
+
+
+class Watcher:
+    """An app watching one session in a background task: decrypted frames, end reason, errors."""
+
+    def __init__(self, app: object, ticket: object) -> None:
+        self.app = app
+        self.ticket = ticket
+        self.frames: list[tuple[str, str, int]] = []
+        self.stream: object = None
+        self.end_reason: str | None = None
+        self.error: BaseException | None = None
+        self.task: object = None
+
+    async def start(self, frames: int = 3) -> Watcher:
+        import asyncio
+
+        self.task = asyncio.create_task(self._run())
+        await self.wait_for(frames)
+        return self
+
+    async def _run(self) -> None:
+        from broker.client.simcam import parse_payload
+
+        try:
+            async with self.app.watch(self.ticket) as stream:  # type: ignore[attr-defined]
+                self.stream = stream
+                async for plaintext in stream.frames():
+                    self.frames.append(parse_payload(plaintext))
+                self.end_reason = stream.end_reason or "stream closed"
+        except Exception as error:  # kept for the assertion that names it
+            self.error = error
+
+    async def wait_for(self, count: int, timeout: float = 10.0) -> None:
+        await eventually(
+            lambda: len(self.frames) >= count or self.error or self.end_reason, timeout
+        )
+        assert self.error is None and self.end_reason is None, (self.error, self.end_reason)
+
+    def assert_intact(self) -> None:
+        """Still live; every frame came from the session's camera, in order; none rejected."""
+        assert self.error is None and self.end_reason is None, (self.error, self.end_reason)
+        ticket = self.ticket
+        assert {f[:2] for f in self.frames} == {(ticket.device_id, ticket.session_id)}  # type: ignore[attr-defined]
+        sequences = [f[2] for f in self.frames]
+        assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences)
+        assert self.stream.rejected == 0, self.stream.mismatches  # type: ignore[attr-defined]
+
+    async def stop(self) -> None:
+        await stop_task(self.task)
