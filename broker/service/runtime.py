@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
@@ -38,7 +38,8 @@ class Runtime:
     ownership: Ownership
     sessions: Sessions
     relay: Relay
-    executor: ThreadPoolExecutor = field(
+    # Store-touching and signing calls run here; the broker passes a GroupCommitExecutor.
+    executor: Executor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="broker-core")
     )
     # argon2 takes tens of milliseconds and releases the GIL: keep it off the core thread.

@@ -58,6 +58,7 @@ from broker.service.peer import Caller, PeerParser
 from broker.service.runtime import Runtime
 from broker.service.tls import ReloadingCredentials
 from broker.sessions import Sessions
+from broker.store.groupcommit import GroupCommitExecutor
 from broker.store.sqlite import SqliteStore
 from broker.tokens import load_keyring
 from broker.trust import load_trust_bundle
@@ -127,6 +128,7 @@ class BrokerServer:
             Ownership(config, self.store, self.clock),
             Sessions(config, self.store, self.clock, keyring),
             Relay(presence, self.clock, self._alarm),
+            executor=GroupCommitExecutor(self.store),
         )
         self._background: list[asyncio.Task[None]] = []
         self.runtime.crl_source = self._crl_pem

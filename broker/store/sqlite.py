@@ -423,6 +423,8 @@ class SqliteStore:
             path, isolation_level=None, check_same_thread=False, timeout=30
         )
         self._lock = threading.RLock()
+        self._batch = threading.local()
+        self._savepoints = 0
         for pragma in (
             "PRAGMA journal_mode = WAL",
             "PRAGMA synchronous = FULL",
@@ -470,10 +472,44 @@ class SqliteStore:
                     raise
             return self.schema_version()
 
+    def _in_batch(self) -> bool:
+        return bool(getattr(self._batch, "active", False))
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group commit: every transaction() this thread opens inside the block is a SAVEPOINT of
+        one BEGIN IMMEDIATE ... COMMIT, so a batch costs one fsync. Callers must not hand out any
+        result of the batch before the block has exited (committed)."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._batch.active = True
+            try:
+                yield
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            else:
+                self._conn.execute("COMMIT")
+            finally:
+                self._batch.active = False
+
     @contextmanager
     def transaction(self) -> Iterator[SqliteTransaction]:
-        """A serializable write transaction: commit on success, roll back on any exception."""
+        """A serializable write transaction: commit on success, roll back on any exception.
+        Inside batch() it is a savepoint: rolled back alone, committed with the batch."""
         with self._lock:
+            if self._in_batch():
+                self._savepoints += 1
+                name = f"sp{self._savepoints}"
+                self._conn.execute(f"SAVEPOINT {name}")
+                try:
+                    yield SqliteTransaction(self._conn)
+                except BaseException:
+                    self._conn.execute(f"ROLLBACK TO {name}")
+                    self._conn.execute(f"RELEASE {name}")
+                    raise
+                self._conn.execute(f"RELEASE {name}")
+                return
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield SqliteTransaction(self._conn)
@@ -484,8 +520,11 @@ class SqliteStore:
 
     @contextmanager
     def read(self) -> Iterator[SqliteTransaction]:
-        """A read-only snapshot (deferred transaction)."""
+        """A read-only snapshot (deferred transaction); inside batch() it reads the batch."""
         with self._lock:
+            if self._in_batch():
+                yield SqliteTransaction(self._conn)
+                return
             self._conn.execute("BEGIN")
             try:
                 yield SqliteTransaction(self._conn)
