@@ -735,10 +735,16 @@ def token_verifier(trust: ClientTrust) -> Any:
     return TokenVerifier(trust.jwks_json, trust.issuer, SystemClock())
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Done callback: mark a shielded write's outcome as seen (it is counted elsewhere)."""
+    if not future.cancelled():
+        future.exception()
+
+
 def stamped_camera(client: Any, fps: float, frame_bytes: int) -> Any:
     """simcam.SimulatedCamera whose frames carry a monotonic stamp taken just before the frame is
     handed to the SDK (AttachSession.send_frame seals and writes it), sent on a fixed schedule
-    (no drift); ``late`` collects how late each frame left versus its schedule (seconds): when
+    (no drift) with the write shielded from the stream task's cancellation; ``late`` collects how late each frame left versus its schedule (seconds): when
     that grows, the client process itself is saturated."""
     _, _, simcam = _sdk()
 
@@ -754,9 +760,15 @@ def stamped_camera(client: Any, fps: float, frame_bytes: int) -> Any:
                     now = time.monotonic()
                     self.late.append(now - due)
                     sequence = stream.sealer.sequence + 1
-                    await session.send_frame(stream, stamped_payload(
+                    # Shielded: simcam stops a stream by cancelling this task, and a cancelled
+                    # grpc.aio call.write() cancels the whole Attach RPC (grpc/aio/_call.py
+                    # _write: `except CancelledError: self.cancel()`), silently taking the
+                    # camera offline. The write finishes; the loop still stops at once.
+                    send = asyncio.ensure_future(session.send_frame(stream, stamped_payload(
                         device_id, stream.session_id, sequence, time.monotonic_ns(),
-                        self.frame_bytes))
+                        self.frame_bytes)))
+                    send.add_done_callback(_retrieve)
+                    await asyncio.shield(send)
                     self.stats.frames_sent += 1
                     due += interval
                     delay = due - time.monotonic()
@@ -768,3 +780,38 @@ def stamped_camera(client: Any, fps: float, frame_bytes: int) -> Any:
     camera = StampedCamera(client, fps=fps, frame_bytes=frame_bytes)
     camera.late = []
     return camera
+
+
+def listen_overflows() -> int:
+    """TcpExt ListenOverflows of this machine (/proc/net/netstat): SYNs dropped because a
+    listener's accept queue was full; each costs the client a SYN retransmit (1 s, then 3 s, ...)."""
+    with open("/proc/net/netstat") as f:
+        lines = f.read().splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            return int(table.get("ListenOverflows", 0))
+    return 0
+
+
+def others_busy(pids: list[int], seconds: float = 1.0) -> float:
+    """Cores kept busy over `seconds` by processes other than pids (and this one)."""
+    ncpu = os.cpu_count() or 1
+    ours0 = sum(pid_cpu(p) for p in pids) + process_cpu()
+    m0 = machine_cpu()
+    time.sleep(seconds)
+    ours1 = sum(pid_cpu(p) for p in pids) + process_cpu()
+    m1 = machine_cpu()
+    busy, _, total = (b - a for a, b in zip(m0, m1, strict=True))
+    machine = ncpu * busy / total if total else 0.0
+    return max(0.0, machine - (ours1 - ours0) / seconds)
+
+
+def wait_quiet(pids: list[int], below: float, max_wait: float) -> tuple[float, float]:
+    """On a shared machine: wait (up to max_wait s) until other processes use < `below` cores.
+    Returns (seconds waited, the last sample of their load in cores)."""
+    started = time.monotonic()
+    load = others_busy(pids, 0.5)
+    while load >= below and time.monotonic() - started < max_wait:
+        load = others_busy(pids, 1.0)
+    return time.monotonic() - started, load

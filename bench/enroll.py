@@ -962,13 +962,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print("\nSUMMARY")
         print(f"  {'mode':<10}{'runs':>5}{'median/s':>10}{'min/s':>9}{'max/s':>9}"
-              f"{'p50':>9}{'p99':>9}{'srv CPU/call':>13}{'GIL cap/s':>10}{'errors':>8}")
+              f"{'p50':>10}{'p99':>10}{'srv CPU/call':>13}{'GIL cap/s':>10}{'errors':>8}")
         for mode, runs in results.items():
             rates = [r.rate for r in runs]
             lat = [x for r in runs for x in r.latencies]
             ok = sum(r.ok for r in runs) or 1
             print(f"  {mode:<10}{len(runs):>5}{statistics.median(rates):>10,.0f}{min(rates):>9,.0f}"
-                  f"{max(rates):>9,.0f}{ms(pct(lat, 0.5)):>9}{ms(pct(lat, 0.99)):>9}"
+                  f"{max(rates):>9,.0f}{ms(pct(lat, 0.5)):>10}{ms(pct(lat, 0.99)):>10}"
                   f"{us(sum(r.server_cpu for r in runs) / ok):>13}"
                   f"{runs[0].processes * ok / sum(r.python_cpu for r in runs):>10,.0f}"
                   f"{sum(sum(r.errors.values()) for r in runs):>8}")

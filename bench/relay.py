@@ -71,6 +71,7 @@ from bench._common import (
     stamped_camera,
     summarize_profile,
     token_verifier,
+    wait_quiet,
     write_trust_file,
 )
 from broker.ca import init_pki
@@ -112,7 +113,8 @@ async def _client(conn: Connection, main: str, trust: ClientTrust, cams: list[Ca
                 cam.late = []
             conn.send({"late": late, "sent": sum(c.stats.frames_sent for c in cameras),
                        "refused": sum(c.stats.streams_refused for c in cameras),
-                       "ended": [str(c.ended.code()) for c in cameras if c.ended is not None]})
+                       "ended": [str(c.ended.code()) for c in cameras if c.ended is not None]
+                       + ["run() cancelled" for t in tasks if t.done() and t.cancelled()]})
         elif command[0] == "watch":
             _, k, warmup, duration, pids = command
             conn.send(await _watch_run(clients[:k], warmup, duration, pids))
@@ -390,6 +392,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--streams", default="1,100", help="stream counts, comma list (1,100)")
     p.add_argument("--fps", type=float, default=30.0, help="frames per second per camera (30)")
     p.add_argument("--frame-bytes", type=int, default=1024, help="plaintext bytes per frame (1024)")
+    p.add_argument("--wait-quiet", type=float, metavar="S",
+                   help="shared machine: before each run wait up to S s until other processes use "
+                   "less than --quiet-below cores (default 30, quick 5)")
+    p.add_argument("--quiet-below", type=float, default=0.2, help="cores (0.2)")
     p.add_argument("--together", action="store_true",
                    help="cameras and apps in one client process (default: one process each)")
     p.add_argument("--profile", type=Path, metavar="DIR",
@@ -399,6 +405,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.runs = args.runs or (3 if args.quick else 5)
     args.duration = args.duration or (3.0 if args.quick else 10.0)
+    if args.wait_quiet is None:
+        args.wait_quiet = 5.0 if args.quick else 30.0
     args.streams = [int(x) for x in args.streams.split(",") if x]
     return args
 
@@ -438,9 +446,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"owner's app), {args.runs} runs")
             results[streams] = []
             for r in range(args.runs):
+                waited, load = wait_quiet([broker.pid, *clients.pids().values()],
+                                          args.quiet_below, args.wait_quiet)
                 result = one_run(broker, clients, streams, args.fps, args.warmup, args.duration)
                 results[streams].append(result)
                 print_run(r + 1, result)
+                if waited >= 0.5:
+                    print(f"         (waited {waited:.0f} s for other processes to calm down; "
+                          f"they used {load:.2f} cores just before the run)")
             print_median(results[streams])
         if args.profile:
             py_spy = py_spy_binary(args.py_spy)

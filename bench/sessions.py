@@ -11,8 +11,9 @@ Load: the broker runs in its own process (its own GIL) on port 0, configured as 
 synchronous=FULL, one core thread). Client processes hold one mutual-TLS channel per app instance,
 opened before the clock and reused for every call, and keep C calls in flight; every call carries
 its own X25519 public key, generated before the clock. The matrix is client processes (1, 2) x
-calls in flight (32, 128), several runs per cell; each run prints calls/s, p50, p99 and where the
-broker's CPU went; each cell prints the medians over its runs.
+calls in flight (8, 32, 128), several runs per cell; each run prints calls/s, p50, p99 and where the
+broker's CPU went (per thread, core-thread busy and queue wait, and how many cores processes outside
+the benchmark used meanwhile: the machine may be shared); each cell prints the medians over its runs.
 
 In-process (no gRPC) the pieces are timed so the bottleneck shows: ES256 signing
 (TokenKeyring.sign), Sessions.open against SQLite (synchronous FULL / NORMAL / OFF, and a group-commit
@@ -24,8 +25,9 @@ the way a camera does (signature, aud, cnf = the app certificate, eph = the key 
     .venv/bin/python bench/sessions.py                  # full: 5 runs per cell
     .venv/bin/python bench/sessions.py --quick          # < 60 s
     .venv/bin/python bench/sessions.py --profile DIR    # + py-spy runs of the broker (not timed)
-    .venv/bin/python bench/sessions.py --compare group-commit sync-normal skip-check
-        # after the matrix, restart the broker with each what-if and measure one cell again
+    .venv/bin/python bench/sessions.py --clients '' --compare group-commit sync-normal skip-check
+        # what-ifs for evidence: one broker per what-if next to the matrix's broker, one cell,
+        # runs interleaved round robin so that outside load hits every variant alike
 """
 
 from __future__ import annotations
@@ -793,6 +795,44 @@ def profiled_runs(broker: BrokerProcess, clients: ClientSet, py_spy: str, out: P
     return ok
 
 
+def compare(args: argparse.Namespace, home: Path, baseline: BrokerProcess, common: tuple[Any, ...],
+            cells: list[Cell], offset: int, live: list[BrokerProcess | ClientSet]) -> int:
+    """One cell, the matrix's broker against a broker per what-if, runs interleaved (round
+    robin, rotating the order) so that load from other processes on a shared machine hits every
+    variant alike. All brokers share the store; only the one under load does anything.
+    Returns the successful calls outside the cells (warm-ups)."""
+    count, inflight = args.compare_cell
+    variants: list[tuple[str, BrokerProcess]] = [("+".join(baseline.what_if) or "as shipped", baseline)]
+    print(f"\nCOMPARE {count} client process(es) x {inflight} in flight, runs interleaved; "
+          "what-ifs are not the broker as shipped:")
+    for what_if in args.compare:
+        for w in what_if:
+            print(f"  {w}: {WHAT_IFS[w]}")
+        proc = BrokerProcess(home, CHEAP_ARGON2, what_if)
+        live.append(proc)
+        variants.append(("+".join(what_if), proc))
+    sets = []
+    warm_ok = 0
+    for _, proc in variants:
+        clients = ClientSet(count, proc.main, *common)
+        live.append(clients)
+        warm_ok += clients.run(proc, 2 * len(common[1]), inflight, offset=offset).ok
+        sets.append(clients)
+    results: list[list[RunResult]] = [[] for _ in variants]
+    for r in range(args.runs):
+        order = [(r + k) % len(variants) for k in range(len(variants))]
+        for k in order:
+            result = sets[k].run(variants[k][1], args.n, inflight, offset=offset + 31 * r + k)
+            results[k].append(result)
+            print(f"  {variants[k][0]:<28}", end="")
+            print_run(r + 1, result)
+    for (name, _), runs in zip(variants, results, strict=True):
+        print(f"\n{name}: {count} client process(es), {inflight} in flight")
+        print_cell(runs)
+        cells.append(Cell(f"{name} (cmp)", count, inflight, runs))
+    return warm_ok
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.monotonic()
@@ -801,6 +841,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} CPUs, home {home}")
     broker: BrokerProcess | None = None
     clients: ClientSet | None = None
+    live: list[BrokerProcess | ClientSet] = []  # the --compare processes, stopped at the end
     try:
         config = bench_config(home, **CHEAP_ARGON2)
         init_pki(config, SystemClock())
@@ -853,26 +894,17 @@ def main(argv: list[str] | None = None) -> int:
             clients.stop()
             clients = None
 
-        for what_if in args.compare:
-            broker.stop()
-            broker = BrokerProcess(home, CHEAP_ARGON2, what_if)
-            name = "+".join(what_if)
-            print(f"\nWHAT-IF {name} (broker restarted; not the broker as shipped):")
-            for w in what_if:
-                print(f"  {w}: {WHAT_IFS[w]}")
-            count, inflight = args.compare_cell
-            clients = ClientSet(count, broker.main, *common)
-            warm = clients.run(broker, 2 * len(apps), inflight, offset=offset)
-            successes += warm.ok
-            cells.append(run_cell(broker, clients, name, args.runs, args.n, inflight, offset))
-            clients.stop()
-            clients = None
+        if args.compare:
+            successes += compare(args, home, broker, common, cells, offset, live)
 
         for cell in cells:
             successes += sum(r.ok for r in cell.runs)
             errors += sum(sum(r.errors.values()) for r in cell.runs)
             bad_tokens += sum(r.bad_tokens for r in cell.runs)
             verified += sum(r.verified for r in cell.runs)
+        for proc in live:
+            proc.stop()
+        live.clear()
         broker.stop()
         broker = None
 
@@ -887,21 +919,22 @@ def main(argv: list[str] | None = None) -> int:
 
         ncpu = os.cpu_count() or 1
         print("\nSUMMARY (medians over runs; goal: 8,000 sessions/s on 2 cores, p99 < 10 ms)")
-        print(f"  {'broker':<24}{'clients':>8}{'inflight':>9}{'runs':>5}{'median/s':>10}{'min/s':>8}"
+        print(f"  {'broker':<34}{'clients':>8}{'inflight':>9}{'runs':>5}{'median/s':>10}{'min/s':>8}"
               f"{'max/s':>8}{'p50':>9}{'p99':>9}{'srv CPU':>10}{'GIL cap/s':>10}{'CPU cap/s':>10}"
-              f"{'errors':>7}")
+              f"{'errors':>7}{'others':>7}")
         for cell in cells:
             rs = cell.runs
             rates = [r.rate for r in rs]
             ok = sum(r.ok for r in rs) or 1
             python = sum(r.python_cpu for r in rs)
-            print(f"  {cell.label:<24}{cell.clients:>8}{cell.inflight:>9}{len(rs):>5}"
+            print(f"  {cell.label:<34}{cell.clients:>8}{cell.inflight:>9}{len(rs):>5}"
                   f"{median(rates):>10,.0f}{min(rates):>8,.0f}{max(rates):>8,.0f}"
                   f"{ms(median([r.p50 for r in rs])):>9}{ms(median([r.p99 for r in rs])):>9}"
                   f"{us(sum(r.server_cpu for r in rs) / ok):>10}"
                   f"{ok / python if python else 0:>10,.0f}"
                   f"{ncpu * ok / (sum(r.server_cpu + r.client_cpu for r in rs) or 1):>10,.0f}"
-                  f"{sum(sum(r.errors.values()) for r in rs):>7}")
+                  f"{sum(sum(r.errors.values()) for r in rs):>7}"
+                  f"{median([r.others for r in rs]):>7.2f}")
         by = {name: seconds for name, seconds, _ in costs}
         print(f"  in-process: sign {us(by['TokenKeyring.sign (ES256 JWT, PyJWT)'])}, "
               f"check_presented {us(by['DeviceAuthority.check_presented'])}, "
@@ -911,13 +944,16 @@ def main(argv: list[str] | None = None) -> int:
               f"hop {us(by['loop -> core thread -> loop hop'])}")
         print("  (srv CPU = broker process CPU per call; GIL cap = calls/s if the broker's Python "
               f"threads were the only limit;\n   CPU cap = {ncpu} cores / (broker + client CPU per "
-              "call), the ceiling while clients share this machine)")
+              "call), the ceiling while clients share this machine;\n   others = median cores used by "
+              "processes outside this benchmark during the runs)")
         print(f"  correctness: {'OK' if not problems else 'FAILED: ' + '; '.join(problems)}")
         print(f"  total time {time.monotonic() - t0:.0f} s")
         return 0 if not problems else 1
     finally:
         if clients is not None:
             clients.stop()
+        for proc in live:
+            proc.stop()
         if broker is not None:
             broker.stop()
         if args.keep:

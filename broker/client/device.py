@@ -399,6 +399,12 @@ class AttachSession:
         self._write_lock = asyncio.Lock()  # grpc allows one outstanding write per call
 
     async def _write(self, message: device_pb2.DeviceMessage) -> None:
+        # grpc.aio cancels the whole RPC when a task is cancelled inside call.write(); callers
+        # cancel senders freely (a stopped stream's frame task), so the write itself is shielded
+        # and completes (holding the lock) even if the caller stops waiting for it.
+        await asyncio.shield(self._locked_write(message))
+
+    async def _locked_write(self, message: device_pb2.DeviceMessage) -> None:
         async with self._write_lock:
             await self.call.write(message)
 
