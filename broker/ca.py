@@ -140,6 +140,11 @@ def fingerprint(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
+def key_tag(key: ec.EllipticCurvePrivateKey) -> str:
+    """Eight hex digits of the key's SKI: keeps CA names unique even within one second."""
+    return x509.SubjectKeyIdentifier.from_public_key(key.public_key()).digest.hex()[:8]
+
+
 def subject_key_id(cert: x509.Certificate) -> str:
     """Hex SubjectKeyIdentifier of a CA certificate."""
     return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
@@ -247,7 +252,7 @@ def make_issuing(
     )
     return (
         x509.CertificateBuilder()
-        .subject_name(_name(f"Camera Broker Issuing CA {now:%Y%m%d%H%M%S}"))
+        .subject_name(_name(f"Camera Broker Issuing CA {now:%Y%m%d%H%M%S} {key_tag(key)}"))
         .issuer_name(root_cert.subject)
         .public_key(key.public_key())
         .serial_number(random_serial())

@@ -233,7 +233,7 @@ def cmd_retire_root(args: argparse.Namespace) -> int:
         version = load_trust_bundle(config, load_keyring(config.certs_dir).jwks_json()).version
         store = SqliteStore(config.database)
         try:
-            return retire_root(config, store, version, force=args.force)
+            return retire_root(config, store, version, force=args.force, clock=SystemClock())
         finally:
             store.close()
 

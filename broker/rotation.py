@@ -12,7 +12,7 @@ import datetime as dt
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -23,6 +23,7 @@ from broker.ca import (
     IssuedCertificate,
     PkiFiles,
     _ca_key_usage,
+    key_tag,
     load_authority,
     make_issuing,
     make_root,
@@ -236,7 +237,7 @@ def rotate_root(config: Config, clock: Clock) -> RotationReport:
     old_key = read_private_key(files.root_key)
     _archive(files, "roots", files.root_cert, files.root_key)
     key = new_key()
-    root = make_root(key, f"Camera Broker Root CA {now:%Y%m%d%H%M%S}", now)
+    root = make_root(key, f"Camera Broker Root CA {now:%Y%m%d%H%M%S} {key_tag(key)}", now)
     cross = cross_sign(root, key, old_root, old_key, now)
     _replace_private_key(files.root_key, key)
     write_atomic(files.root_cert, cert_pem(root))
@@ -264,6 +265,7 @@ class Lagging:
 
     stale_bundle: list[str]
     old_chain_certs: list[str]
+    old_chain_apps: list[str] = field(default_factory=list)
 
 
 def _issued_by_any(cert: x509.Certificate, issuers: list[x509.Certificate]) -> bool:
@@ -298,27 +300,47 @@ def lagging_devices(
             certs = tx.certificates_of(f"spiffe://{trust_domain}/device/{d.device_id}")
             if any(c.status is CertStatus.ACTIVE and c.issuer_ski in retiring for c in certs):
                 old_chain.append(d.device_id)
-    return Lagging(stale, sorted(old_chain))
+        # App instances too: one still on an old-root certificate would be locked out.
+        apps = sorted(
+            c.spiffe_id.rsplit("/", 1)[-1]
+            for c in tx.active_certificates_issued_by(retiring)
+            if c.kind == "app"
+        )
+    return Lagging(stale, sorted(old_chain), apps)
 
 
 def retire_root(
-    config: Config, store: Store, current_version: str, *, force: bool
+    config: Config,
+    store: Store,
+    current_version: str,
+    *,
+    force: bool,
+    clock: Clock | None = None,
 ) -> RotationReport:
     """Drop the old root (and issuing CAs under it) from the bundle. Refuses while any active camera
     lacks the current bundle or still uses a certificate under the old root, unless forced."""
+    from broker.clock import SystemClock
+
+    clock = clock or SystemClock()
     files = PkiFiles(config.certs_dir)
     state_path = files.root / "rotation.json"
     if not cross_cert_path(files).exists() or not state_path.exists():
         raise FailedPrecondition("no root rotation is pending: run `make rotate-root` first")
     lag = lagging_devices(files, store, current_version, config.trust_domain)
-    if (lag.stale_bundle or lag.old_chain_certs) and not force:
+    if (lag.stale_bundle or lag.old_chain_certs or lag.old_chain_apps) and not force:
+        apps = (
+            f"; {len(lag.old_chain_apps)} app instance(s) still hold a certificate under the old "
+            f"root ({', '.join(lag.old_chain_apps[:20])}) and must renew first"
+            if lag.old_chain_apps
+            else ""
+        )
         raise FailedPrecondition(
             f"{len(lag.stale_bundle)} active camera(s) lack the current trust bundle "
             f"({', '.join(lag.stale_bundle[:20]) or '-'}) and {len(lag.old_chain_certs)} still hold a "
-            f"certificate under the old root ({', '.join(lag.old_chain_certs[:20]) or '-'}); "
+            f"certificate under the old root ({', '.join(lag.old_chain_certs[:20]) or '-'}){apps}; "
             "wait for them to attach and renew, or force with FORCE=1"
         )
-    retired = files.root / "retired" / str(unix(dt.datetime.now(dt.UTC)))
+    retired = files.root / "retired" / str(unix(clock.now()))
     retired.mkdir(parents=True, exist_ok=True)
     for cert in retiring_issuing(files):
         stem = _previous(files, "issuing") / serial_hex(cert.serial_number)
@@ -336,6 +358,7 @@ def retire_root(
             "forced": force,
             "stale_bundle": lag.stale_bundle,
             "old_chain_certs": lag.old_chain_certs,
+            "old_chain_apps": lag.old_chain_apps,
             "archived_to": str(retired),
         },
         "cameras holding only the old root can no longer connect; re-provision them",

@@ -189,6 +189,17 @@ class SqliteTransaction:
         )
         return [_cert(r) for r in rows]
 
+    def active_certificates_issued_by(self, issuer_skis: set[str]) -> list[CertificateRecord]:
+        if not issuer_skis:
+            return []
+        marks = ", ".join("?" for _ in issuer_skis)
+        rows = self._conn.execute(
+            f"SELECT {CERT_COLUMNS} FROM certificates WHERE status = 'active' "
+            f"AND issuer_ski IN ({marks}) ORDER BY serial",
+            tuple(sorted(issuer_skis)),
+        )
+        return [_cert(r) for r in rows]
+
     # enrollment tokens
     def insert_enrollment_token(self, token: EnrollmentTokenRecord) -> None:
         self._conn.execute(
