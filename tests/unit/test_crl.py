@@ -26,6 +26,7 @@ from broker.accounts import Accounts
 from broker.ca import PkiFiles, load_authority
 from broker.crl import NEXT_UPDATE, build_crls, crls_pem
 from broker.devices import DeviceAuthority
+from broker.errors import FailedPrecondition
 from broker.identity import Identity, operator
 from broker.passwords import PasswordHasher
 from broker.pemfile import read_certificates
@@ -394,3 +395,20 @@ def test_get_crl_is_anonymous_on_bootstrap_and_refused_on_the_factory_listener(b
             )
     assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
     assert len(served_crls(broker)) == 1
+
+
+def test_retire_root_refuses_while_an_app_holds_an_old_root_certificate(core: Core) -> None:
+    app, _ = core.app("anna")
+    rotate_root(core.pki.config, core.pki.clock)
+    core.reload()
+    with pytest.raises(FailedPrecondition) as refused:
+        retire_root(core.pki.config, core.store, "", force=False, clock=core.pki.clock)
+    assert f"1 app instance(s) still hold a certificate under the old root ({app.app_id})" in (
+        refused.value.message
+    )
+    assert (core.pki.files.root / "root-cross.pem").exists()  # nothing retired
+
+    core.accounts.renew_app(app, csr_for(p256()))  # now from the new issuing CA
+    report = retire_root(core.pki.config, core.store, "", force=False, clock=core.pki.clock)
+    assert report.details["old_chain_apps"] == []
+    assert not (core.pki.files.root / "root-cross.pem").exists()
