@@ -31,10 +31,8 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
-import functools
 import multiprocessing as mp
 import os
-import queue
 import shutil
 import signal
 import sqlite3
@@ -46,7 +44,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -144,13 +142,14 @@ def _thread_group(py_name: str | None, comm: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # server process
 # ---------------------------------------------------------------------------------------------
-class TimedExecutor(ThreadPoolExecutor):
-    """The broker's one-thread core executor, counting how long each job waits and runs."""
+class TimedExecutor(Executor):
+    """Wraps the broker's core executor (as shipped: group commit on one thread) without changing
+    what it does: counts each call's time in the core thread and its wait in the queue."""
 
-    def __init__(self) -> None:
-        super().__init__(max_workers=1, thread_name_prefix=CORE_THREAD)
+    def __init__(self, inner: Executor) -> None:
+        self.inner = inner
         self.calls = 0
-        self.busy = 0.0
+        self.busy = 0.0  # seconds inside the calls themselves
         self.waited = 0.0
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
@@ -161,90 +160,67 @@ class TimedExecutor(ThreadPoolExecutor):
             try:
                 return fn(*args, **kwargs)
             finally:
-                done = time.perf_counter()
                 self.calls += 1
                 self.waited += started - queued
-                self.busy += done - started
+                self.busy += time.perf_counter() - started
 
-        return super().submit(timed)
+        return self.inner.submit(timed)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.inner.shutdown(wait, cancel_futures=cancel_futures)
 
 
-class InlineExecutor(TimedExecutor):
+class InlineExecutor(Executor):
     """What-if: run each core call at once on the event loop thread (no thread hop, no GIL
-    hand-off; the loop blocks for the call, fsync included)."""
+    hand-off, a COMMIT per call; the loop blocks for the call, fsync included)."""
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         future: Future[Any] = Future()
-        started = time.perf_counter()
         try:
             future.set_result(fn(*args, **kwargs))
         except BaseException as error:  # handed to the awaiting handler, as the executor would
             future.set_exception(error)
-        self.calls += 1
-        self.busy += time.perf_counter() - started
         return future
 
 
-class GroupCommitExecutor(TimedExecutor):
-    """What-if group commit: the core thread takes every call queued behind the first (up to
-    max_batch), runs each in its own savepoint inside one BEGIN IMMEDIATE ... COMMIT, and answers
-    the callers only after that COMMIT (FULL durability, one fsync per batch)."""
+class BatchTimer:
+    """Times the store's group-commit blocks (BEGIN IMMEDIATE ... COMMIT) when the broker has them."""
 
-    def __init__(self, store: SqliteStore, max_batch: int) -> None:
-        super().__init__()
-        self._conn = store._conn
-        self._max = max_batch
-        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    def __init__(self, store: SqliteStore) -> None:
         self.batches = 0
-        self._thread = threading.Thread(target=self._loop, name=f"{CORE_THREAD}_0", daemon=True)
-        self._thread.start()
+        self.seconds = 0.0
+        inner = getattr(store, "batch", None)
+        if inner is None:
+            return
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        future: Future[Any] = Future()
-        self._jobs.put((future, functools.partial(fn, *args, **kwargs), time.perf_counter()))
-        return future
-
-    def _loop(self) -> None:
-        stop = False
-        while not stop:
-            batch = [self._jobs.get()]
-            while len(batch) < self._max:
-                try:
-                    batch.append(self._jobs.get_nowait())
-                except queue.Empty:
-                    break
-            stop = None in batch
-            batch = [job for job in batch if job is not None]
-            if not batch:
-                continue
+        @contextlib.contextmanager
+        def timed_batch() -> Iterator[None]:
             started = time.perf_counter()
-            outcomes: list[tuple[Future[Any], bool, Any]] = []
-            self._conn.execute("BEGIN IMMEDIATE")
             try:
-                for future, call, queued in batch:
-                    self.waited += started - queued
-                    try:
-                        outcomes.append((future, True, call()))
-                    except Exception as error:
-                        outcomes.append((future, False, error))
-                self._conn.execute("COMMIT")
-            except Exception as error:  # the batch did not commit: nobody succeeded
-                self._conn.execute("ROLLBACK")
-                outcomes = [(future, False, error) for future, _, _ in batch]
-            self.busy += time.perf_counter() - started
-            self.calls += len(batch)
-            self.batches += 1
-            for future, ok, value in outcomes:
-                if ok:
-                    future.set_result(value)
-                else:
-                    future.set_exception(value)
+                with inner():
+                    yield
+            finally:
+                self.batches += 1
+                self.seconds += time.perf_counter() - started
 
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._jobs.put(None)
-        if wait:
-            self._thread.join()
-        super().shutdown(wait, cancel_futures=cancel_futures)
+        store.batch = timed_batch  # type: ignore[method-assign]
+
+
+def force_subject_index() -> None:
+    """What-if: supersede_certificates searching by the subject index. (With the v5 index on
+    certificates(status, not_after) SQLite picks that one for `status = 'active'` and scans every
+    active certificate on each enrollment and renewal.) Same statement, `+status` stops the planner
+    from using the status index."""
+
+    def supersede(self: SqliteTransaction, subject: str, by_serial: str, at: int) -> list[str]:
+        rows = self._conn.execute(
+            "UPDATE certificates SET status = 'superseded', superseded_by = ?, superseded_at = ? "
+            "WHERE subject = ? AND +status = 'active' AND serial != ? RETURNING serial",
+            (by_serial, at, subject, by_serial),
+        ).fetchall()
+        return sorted(r[0] for r in rows)
+
+    SqliteTransaction.supersede_certificates = supersede  # type: ignore[method-assign]
 
 
 class ReusePortServer(BrokerServer):
@@ -271,16 +247,22 @@ async def _serve(home: Path, conn: Connection, what_if: dict[str, Any], ports: d
     server = (ReusePortServer if what_if.get("workers") else BrokerServer)(config)
     if what_if.get("sync"):
         server.store._conn.execute(f"PRAGMA synchronous = {what_if['sync']}")
-    core: TimedExecutor
-    if what_if.get("group_commit"):
-        core = GroupCommitExecutor(server.store, what_if["group_commit"])
-        server.devices._store = GroupCommitStore(server.store)  # type: ignore[assignment]
+    if what_if.get("force_subject_index"):
+        force_subject_index()
+    inner: Executor = server.runtime.executor  # as shipped
+    if what_if.get("per_call_commit"):
+        inner = ThreadPoolExecutor(max_workers=1, thread_name_prefix=CORE_THREAD)
     elif what_if.get("inline_core"):
-        core = InlineExecutor()
-    else:
-        core = TimedExecutor()
-    server.runtime.executor.shutdown()
-    server.runtime.executor = core  # same shape as the broker's, plus counters
+        inner = InlineExecutor()
+    elif what_if.get("max_batch"):
+        from broker.store.groupcommit import GroupCommitExecutor
+
+        inner = GroupCommitExecutor(server.store, what_if["max_batch"])
+    if inner is not server.runtime.executor:
+        server.runtime.executor.shutdown()
+    core = TimedExecutor(inner)
+    server.runtime.executor = core  # type: ignore[assignment]
+    batches = BatchTimer(server.store)
     conn.send(("ready", os.getpid(), await server.start()))
     loop = asyncio.get_running_loop()
     while True:
@@ -291,8 +273,9 @@ async def _serve(home: Path, conn: Connection, what_if: dict[str, Any], ports: d
                     "process": process_cpu(),
                     "threads": thread_cpu(),
                     "core_calls": core.calls,
-                    "core_busy": core.busy,
+                    "core_busy": batches.seconds or core.busy,
                     "core_waited": core.waited,
+                    "batches": batches.batches,
                 }
             )
         elif command == "stop":
@@ -432,27 +415,6 @@ class PreIssued:
         return next(self._issued)
 
 
-class GroupCommitStore:
-    """What-if group commit: each transaction() is a savepoint inside a transaction the caller
-    opened around a whole batch, so a batch pays for one COMMIT (one fsync)."""
-
-    def __init__(self, store: SqliteStore) -> None:
-        self.conn = store._conn
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[SqliteTransaction]:
-        self.conn.execute("SAVEPOINT one")
-        try:
-            yield SqliteTransaction(self.conn)
-        except BaseException:
-            self.conn.execute("ROLLBACK TO one")
-            self.conn.execute("RELEASE one")
-            raise
-        self.conn.execute("RELEASE one")
-
-    read = transaction
-
-
 @dataclasses.dataclass(frozen=True)
 class Cost:
     name: str
@@ -477,36 +439,39 @@ def measure(name: str, note: str, fn: Callable[[int], object], count: int) -> Co
 
 
 ISSUE = "IssuingAuthority.issue (sign leaf)"
-STORE_FULL = "store transaction, synchronous=FULL"
-STORE_NORMAL = "store tx, synchronous=NORMAL (what-if)"
-STORE_GROUP = "store tx, FULL, 32 per COMMIT (what-if)"
+STORE_FULL = "store tx, FULL, COMMIT per call"
+STORE_NORMAL = "store tx, NORMAL, COMMIT per call"
+STORE_GROUP = "store tx, FULL, 32 per COMMIT (as shipped)"
+GROW_EMPTY = "enroll_with_token, empty store"
+GROW_FULL = "enroll_with_token, after"
 CORE = "DeviceAuthority.enroll_with_token"
 BATCH = 32
 
 
-def core_costs(home: Path, count: int) -> list[Cost]:
+def core_costs(home: Path, count: int, grow: int) -> list[Cost]:
     """Per-call cost of each piece of the enrollment core path, in this process, no gRPC."""
     clock = SystemClock()
     config = bench_config(home)
     ca = load_authority(config, clock)
-    keys = [new_key() for _ in range(count)]
+    total = count + grow
+    keys = [new_key() for _ in range(total)]
     csrs = [make_csr(k) for k in keys]
     public = [k.public_key() for k in keys]
     lifetime = dt.timedelta(days=config.device_cert_days)
     actor = operator(config.trust_domain, "bench")
 
-    def setup(prefix: str, synchronous: str, pre_issued: bool) -> tuple[DeviceAuthority, SqliteStore,
-                                                                        list[str]]:
+    def setup(prefix: str, synchronous: str, pre_issued: bool, n: int = count
+              ) -> tuple[DeviceAuthority, SqliteStore, list[str]]:
         cfg = bench_config(home, db_path=home / "var" / f"micro-{prefix}.db")
         store = SqliteStore(cfg.database)
         store._conn.execute("PRAGMA synchronous = OFF")  # token preparation only
         tokens = [DeviceAuthority(cfg, ca, store, clock).create_enrollment_token(
-            actor, f"{prefix}-{i:06d}").token for i in range(count)]
+            actor, f"{prefix}-{i:06d}").token for i in range(n)]
         store._conn.execute(f"PRAGMA synchronous = {synchronous}")
         issuer: Any = ca
         if pre_issued:
             issuer = PreIssued([ca.issue(public[i], device(cfg.trust_domain, f"{prefix}-{i:06d}"), lifetime)
-                                for i in range(count)])
+                                for i in range(n)])
         return DeviceAuthority(cfg, issuer, store, clock), store, tokens
 
     csr = measure("CSR parse + signature check", "broker.csr.public_key_from_csr",
@@ -517,33 +482,44 @@ def core_costs(home: Path, count: int) -> list[Cost]:
     rows = [csr, issue]
 
     for sync, name, note in (("FULL", STORE_FULL, "enroll_with_token, pre-signed certs, less CSR"),
-                             ("NORMAL", STORE_NORMAL, "WAL + NORMAL: no fsync per commit")):
+                             ("NORMAL", STORE_NORMAL, "WAL + NORMAL, COMMIT per call")):
         authority, store, tokens = setup(f"s{sync.lower()}", sync, pre_issued=True)
         cost = measure("", "", lambda i, a=authority, t=tokens: a.enroll_with_token(csrs[i], t[i]), count)
         store.close()
         rows.append(cost.minus(csr, name, note))
 
     authority, store, tokens = setup("group", "FULL", pre_issued=True)
-    group = GroupCommitStore(store)
-    authority = DeviceAuthority(authority._config, authority._ca, group, clock)  # type: ignore[arg-type]
+    if hasattr(store, "batch"):  # the broker's group commit (broker.store.groupcommit)
+        def batch(b: int) -> None:
+            with store.batch():
+                for i in range(b * BATCH, min(count, (b + 1) * BATCH)):
+                    authority.enroll_with_token(csrs[i], tokens[i])
 
-    def batch(b: int) -> None:
-        group.conn.execute("BEGIN IMMEDIATE")
-        for i in range(b * BATCH, min(count, (b + 1) * BATCH)):
-            authority.enroll_with_token(csrs[i], tokens[i])
-        group.conn.execute("COMMIT")
-
-    batches = (count + BATCH - 1) // BATCH
-    cost = measure("", "", batch, batches)
-    per = Cost("", cost.median / BATCH, cost.mean * batches / count, cost.cpu * batches / count, "")
+        batches = (count + BATCH - 1) // BATCH
+        cost = measure("", "", batch, batches)
+        per = Cost("", cost.median / BATCH, cost.mean * batches / count, cost.cpu * batches / count, "")
+        rows.append(per.minus(csr, STORE_GROUP, "store.batch(): savepoint per call, one COMMIT"))
     store.close()
-    rows.append(per.minus(csr, STORE_GROUP, "savepoint per enrollment, one fsync per batch"))
 
     authority, store, tokens = setup("core", "FULL", pre_issued=False)
     fresh = [make_csr(new_key()) for _ in range(count)]
-    rows.append(measure(CORE, "the whole core call, as the core thread runs it",
+    rows.append(measure(CORE, "the whole core call, COMMIT per call",
                         lambda i: authority.enroll_with_token(fresh[i], tokens[i]), count))
     store.close()
+
+    # Does the store transaction stay flat as the certificates table grows? (synchronous=OFF, so
+    # only the SQL shows.) First `count` enrollments into an empty store, then `grow` more, then
+    # `count` again.
+    authority, store, tokens = setup("grow", "OFF", pre_issued=False, n=total + count)
+    more = [make_csr(new_key()) for _ in range(count)]
+    first = measure("", "", lambda i: authority.enroll_with_token(csrs[i], tokens[i]), count)
+    for i in range(count, total):
+        authority.enroll_with_token(csrs[i], tokens[i])
+    last = measure("", "", lambda i: authority.enroll_with_token(more[i], tokens[total + i]), count)
+    store.close()
+    rows.append(dataclasses.replace(first, name=GROW_EMPTY, note="synchronous=OFF: SQL and Python only"))
+    rows.append(dataclasses.replace(last, name=f"{GROW_FULL} {total:,} certs",
+                                    note="should equal the line above"))
 
     fd = os.open(home / "var" / "fsync.probe", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
@@ -578,6 +554,7 @@ class RunResult:
     machine_busy: float  # cores busy, 0..ncpu
     steal: float
     processes: int = 1  # broker processes
+    batches: int = 0  # group-commit transactions (0: the core executor does not batch)
 
     @property
     def rate(self) -> float:
@@ -673,6 +650,7 @@ class Harness:
             machine_busy=ncpu * busy / total if total else 0.0,
             steal=ncpu * steal / total if total else 0.0,
             processes=len(self._servers),
+            batches=after.get("batches", 0) - before.get("batches", 0),
         )
 
     def stop(self) -> None:
@@ -794,6 +772,10 @@ def print_breakdown(mode: str, runs: list[RunResult]) -> None:
     print(f"    core thread wall busy   {us(core_busy / core_calls):>10} per call; "
           f"queue wait {us(sum(r.core_waited for r in runs) / core_calls)} per call; "
           f"busy {100 * core_busy / wall:.0f}% of wall")
+    batches = sum(r.batches for r in runs)
+    if batches:
+        print(f"    group commit: {core_calls:,} core calls in {batches:,} COMMITs "
+              f"({core_calls / batches:.1f} per COMMIT)")
     ncpu = os.cpu_count() or 1
     cpu_bound = ncpu / ((server + client_cpu) / ok)
     core = f"core thread alone {core_calls / core_busy:,.0f}/s; " if core_busy else ""
@@ -848,7 +830,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=1, help="client processes (1)")
     p.add_argument("--mode", choices=["both", "reused", "new-conn"], default="both")
     p.add_argument("--no-baseline", action="store_true", help="skip the GetTrustBundle reference run")
-    p.add_argument("--micro", type=int, help="samples per in-process measurement (default 500, quick 300)")
+    p.add_argument("--micro", type=int, help="samples per in-process measurement (default 500, quick 150)")
+    p.add_argument("--grow", type=int,
+                   help="certificates added between the two table-growth samples (default 5000, quick 2000)")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="after the timed runs, one extra run per mode under py-spy; raw stacks to DIR")
     p.add_argument("--py-spy", help="py-spy executable (default: from PATH)")
@@ -860,8 +844,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="sys.setswitchinterval in the broker process (Python default 0.005)")
     w.add_argument("--inline-core", action="store_true",
                    help="run core calls on the event loop instead of the broker-core thread")
-    w.add_argument("--group-commit", type=int, metavar="MAX",
-                   help="core thread commits up to MAX queued enrollments per transaction")
+    w.add_argument("--per-call-commit", action="store_true",
+                   help="a plain one-thread core executor: one COMMIT (fsync) per call, no group commit")
+    w.add_argument("--max-batch", type=int, metavar="N",
+                   help="group commit with at most N calls per COMMIT (broker default 128)")
+    w.add_argument("--force-subject-index", action="store_true",
+                   help="supersede_certificates with `+status` so SQLite searches by subject")
     w.add_argument("--workers", type=int, metavar="K",
                    help="K broker processes sharing the listeners with SO_REUSEPORT and one database")
     args = p.parse_args(argv)
@@ -869,6 +857,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.n = args.n or (1000 if args.quick else 2000)
     args.n_new = args.n_new or (300 if args.quick else 500)
     args.micro = args.micro or (150 if args.quick else 500)
+    args.grow = args.grow if args.grow is not None else (2000 if args.quick else 5000)
     return args
 
 
@@ -889,7 +878,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"\nin-process core path ({args.micro} calls each, no gRPC, one thread):")
         print(f"  {'':<40}{'median':>10}{'mean':>10}{'CPU':>10}")
-        costs = core_costs(home, args.micro)
+        costs = core_costs(home, args.micro, args.grow)
         for c in costs:
             print(f"  {c.name:<40}{us(c.median):>10}{us(c.mean):>10}{us(c.cpu):>10}   {c.note}")
 
@@ -910,7 +899,8 @@ def main(argv: list[str] | None = None) -> int:
 
         what_if = {"sync": args.server_sync, "switch_interval": args.switch_interval,
                    "inline_core": args.inline_core, "workers": args.workers,
-                   "group_commit": args.group_commit}
+                   "per_call_commit": args.per_call_commit, "max_batch": args.max_batch,
+                   "force_subject_index": args.force_subject_index}
         if any(what_if.values()):
             print(f"WHAT-IF broker tweaks (not the broker as shipped): "
                   f"{ {k: v for k, v in what_if.items() if v} }")
@@ -978,8 +968,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  in-process medians: issue {us(by_name[ISSUE].median)}, "
               f"store tx {us(by_name[STORE_FULL].median)} (FULL) / "
               f"{us(by_name[STORE_NORMAL].median)} (NORMAL) / "
-              f"{us(by_name[STORE_GROUP].median)} (group commit), "
-              f"whole core call {us(by_name[CORE].median)}")
+              + (f"{us(by_name[STORE_GROUP].median)} (32 per COMMIT), " if STORE_GROUP in by_name else "")
+              + f"whole core call {us(by_name[CORE].median)}")
+        grown = [c for c in costs if c.name.startswith(GROW_FULL)]
+        if grown:
+            ratio = grown[0].mean / by_name[GROW_EMPTY].mean
+            print(f"  store scaling: enroll_with_token {us(by_name[GROW_EMPTY].mean)} on an empty store, "
+                  f"{us(grown[0].mean)} {grown[0].name[len('enroll_with_token, '):]} "
+                  f"(x{ratio:.1f}{'; should be flat' if ratio > 1.3 else ''})")
         print(f"  correctness: {'OK' if not problems else 'FAILED: ' + '; '.join(problems)}")
         print(f"  total time {time.monotonic() - t0:.0f} s")
         return 0 if not problems else 1

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 from broker.audit import AuditEvent
 from broker.ca import IssuedCertificate, IssuingAuthority
-from broker.clock import Clock, unix
+from broker.clock import Clock
 from broker.config import Config
+from broker.corebase import CoreService
 from broker.csr import PublicKey, public_key_from_csr, spki_sha256
 from broker.errors import (
     AlreadyExists,
@@ -31,8 +32,6 @@ from broker.ratelimit import FailureLimiter
 from broker.session_log import end_sessions_audited
 from broker.store import (
     AppRecord,
-    CertificateRecord,
-    CertStatus,
     DeviceState,
     Store,
     Transaction,
@@ -63,7 +62,7 @@ class AppEnrollment:
     issued: IssuedCertificate
 
 
-class Accounts:
+class Accounts(CoreService):
     """Who the users are and which app instances speak for them."""
 
     def __init__(
@@ -74,10 +73,8 @@ class Accounts:
         clock: Clock,
         hasher: PasswordHasher,
     ) -> None:
-        self._config = config
+        super().__init__(config, store, clock)
         self._ca = ca
-        self._store = store
-        self._clock = clock
         self._hasher = hasher
         self._per_user = FailureLimiter(
             clock,
@@ -91,15 +88,6 @@ class Accounts:
             config.login_window_seconds,
             "failed logins from this address",
         )
-
-    def _now(self) -> int:
-        return unix(self._clock.now())
-
-    def _now_ms(self) -> int:
-        return int(self._clock.now().timestamp() * 1000)
-
-    def _audit(self, tx: Transaction, event: AuditEvent) -> None:
-        tx.append_audit(event, int(self._clock.now().timestamp() * 1000))
 
     # -- sign-up ---------------------------------------------------------------------------------
     def create_account(self, username: str, password: str) -> str:
@@ -193,21 +181,7 @@ class Accounts:
 
     def _issue(self, tx: Transaction, identity: Identity, key: PublicKey) -> IssuedCertificate:
         issued = self._ca.issue(key, identity, dt.timedelta(days=self._config.app_cert_days))
-        tx.insert_certificate(
-            CertificateRecord(
-                serial=issued.serial,
-                spiffe_id=identity.spiffe_id,
-                kind=identity.kind.value,
-                subject=identity.spiffe_id,
-                spki_sha256=spki_sha256(key),
-                fingerprint=issued.fingerprint,
-                not_before=unix(issued.not_before),
-                not_after=unix(issued.not_after),
-                status=CertStatus.ACTIVE,
-                issued_at=self._now(),
-                issuer_ski=issued.issuer_ski,
-            )
-        )
+        self._record_issued(tx, identity, issued, key)
         return issued
 
     def revoke_app_by_id(self, actor: Identity, app_id: str, reason: str) -> tuple[str, list[str]]:

@@ -17,6 +17,7 @@ from broker.audit import AuditEvent
 from broker.ca import IssuedCertificate, IssuingAuthority, PkiFiles
 from broker.clock import Clock, unix
 from broker.config import Config
+from broker.corebase import CoreService
 from broker.csr import PublicKey, public_key_from_csr, spki_sha256
 from broker.errors import (
     FailedPrecondition,
@@ -68,49 +69,19 @@ class DeviceStatus:
     current_certificate: CertificateRecord | None
 
 
-class DeviceAuthority:
+class DeviceAuthority(CoreService):
     """Decides who gets which device certificate, and whether a presented certificate still counts."""
 
     def __init__(self, config: Config, ca: IssuingAuthority, store: Store, clock: Clock) -> None:
-        self._config = config
+        super().__init__(config, store, clock)
         self._ca = ca
-        self._store = store
-        self._clock = clock
 
     # -- helpers -------------------------------------------------------------------------------
-    def _now(self) -> int:
-        return unix(self._clock.now())
-
-    def _now_ms(self) -> int:
-        return int(self._clock.now().timestamp() * 1000)
-
-    def _audit(self, tx: Transaction, event: AuditEvent) -> None:
-        tx.append_audit(event, self._now_ms())
-
     def _deny(self, error: PermissionDenied | FailedPrecondition, event: AuditEvent) -> NoReturn:
         """Record a refusal in its own transaction (the refused one rolled back), then raise it."""
         with self._store.transaction() as tx:
             self._audit(tx, event)
         raise error
-
-    def _record(
-        self, tx: Transaction, identity: Identity, issued: IssuedCertificate, key: PublicKey
-    ) -> None:
-        tx.insert_certificate(
-            CertificateRecord(
-                serial=issued.serial,
-                spiffe_id=identity.spiffe_id,
-                kind=identity.kind.value,
-                subject=identity.spiffe_id,
-                spki_sha256=spki_sha256(key),
-                fingerprint=issued.fingerprint,
-                not_before=unix(issued.not_before),
-                not_after=unix(issued.not_after),
-                status=CertStatus.ACTIVE,
-                issued_at=self._now(),
-                issuer_ski=issued.issuer_ski,
-            )
-        )
 
     def _key_is_free(self, tx: Transaction, key: PublicKey, identity: Identity) -> bool:
         return tx.subjects_with_key(spki_sha256(key)) <= {identity.spiffe_id}
@@ -234,7 +205,7 @@ class DeviceAuthority:
             tx.set_claim_code_hash(identity.name, claim_code_hash(claim_code))  # old code dies here
         else:
             claim_code = ""  # already owned: no claim code to hand out
-        self._record(tx, identity, issued, key)
+        self._record_issued(tx, identity, issued, key)
         superseded = tx.supersede_certificates(identity.spiffe_id, issued.serial, self._now())
         self._audit(
             tx,
@@ -264,7 +235,7 @@ class DeviceAuthority:
             if not self._key_is_free(tx, key, caller):
                 raise PermissionDenied(_refusal_message("key bound to another identity"))
             issued = self._ca.issue(key, caller, dt.timedelta(days=self._config.device_cert_days))
-            self._record(tx, caller, issued, key)
+            self._record_issued(tx, caller, issued, key)
             superseded = tx.supersede_certificates(caller.spiffe_id, issued.serial, self._now())
             self._audit(
                 tx,

@@ -8,8 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from broker.audit import AuditEvent
-from broker.clock import Clock, unix
+from broker.clock import Clock
 from broker.config import Config
+from broker.corebase import CoreService
 from broker.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from broker.identity import Identity, Kind, validate_device_id
 from broker.onetime import claim_code_hash, new_claim_code
@@ -28,13 +29,11 @@ class DeviceAccess:
     device: DeviceRecord
 
 
-class Ownership:
+class Ownership(CoreService):
     """Grants of devices to users."""
 
     def __init__(self, config: Config, store: Store, clock: Clock) -> None:
-        self._config = config
-        self._store = store
-        self._clock = clock
+        super().__init__(config, store, clock)
         self._claims_per_user = FailureLimiter(
             clock,
             config.claim_failures_per_user,
@@ -47,15 +46,6 @@ class Ownership:
             config.claim_window_seconds,
             "wrong claim codes for this device",
         )
-
-    def _now(self) -> int:
-        return unix(self._clock.now())
-
-    def _now_ms(self) -> int:
-        return int(self._clock.now().timestamp() * 1000)
-
-    def _audit(self, tx: Transaction, event: AuditEvent) -> None:
-        tx.append_audit(event, int(self._clock.now().timestamp() * 1000))
 
     # -- claim -----------------------------------------------------------------------------------
     def claim(self, caller: Identity, device_id: str, claim_code: str) -> None:

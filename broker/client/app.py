@@ -11,7 +11,6 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import grpc
 from cryptography import x509
@@ -25,9 +24,9 @@ from broker._proto.broker.v1 import (
     bootstrap_pb2_grpc,
     common_pb2,
 )
-from broker.client.bundle import load_bundle, save_bundle
-from broker.client.channels import mtls_channel, tls_channel
-from broker.client.device import Endpoints, ReenrollmentRequired, jittered_renewal, make_csr
+from broker.client.bundle import load_bundle
+from broker.client.device import ReenrollmentRequired, jittered_renewal, make_csr
+from broker.client.identity_dir import IdentityDir
 from broker.clock import Clock, SystemClock
 from broker.e2e import (
     FrameRejected,
@@ -38,7 +37,6 @@ from broker.e2e import (
     verify_device_chain,
 )
 from broker.identity import device
-from broker.pemfile import write_atomic
 from broker.tokens import cert_thumbprint
 
 
@@ -68,60 +66,14 @@ class SessionTicket:
         )
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-class AppClient:
+class AppClient(IdentityDir):
     """A phone app instance's view of the broker."""
 
-    def __init__(self, state_dir: Path, endpoints: Endpoints, ca_bundle_pem: bytes) -> None:
-        self.dir = state_dir
-        self.endpoints = endpoints
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if not self.bundle_path.exists():
-            write_atomic(self.bundle_path, ca_bundle_pem)
-
-    @property
-    def key_path(self) -> Path:
-        return self.dir / "app.key"
-
-    @property
-    def chain_path(self) -> Path:
-        return self.dir / "app.pem"
-
-    @property
-    def bundle_path(self) -> Path:
-        return self.dir / "ca-bundle.pem"
-
-    @property
-    def state_path(self) -> Path:
-        return self.dir / "state.json"
+    FILE_STEM = "app"
 
     @property
     def state(self) -> AppState:
         return AppState(**json.loads(self.state_path.read_text()))
-
-    def _bootstrap(self) -> grpc.aio.Channel:
-        return tls_channel(
-            self.endpoints.bootstrap, self.bundle_path.read_bytes(), self.endpoints.server_name
-        )
-
-    def channel(self) -> grpc.aio.Channel:
-        """Mutual TLS to the main listener with this app instance's certificate."""
-        return mtls_channel(
-            self.endpoints.main,
-            self.bundle_path.read_bytes(),
-            self.key_path.read_bytes(),
-            self.chain_path.read_bytes(),
-            self.endpoints.server_name,
-        )
-
-    @property
-    def trust_path(self) -> Path:
-        return self.dir / "trust-bundle.json"
 
     def _save(
         self,
@@ -130,12 +82,7 @@ class AppClient:
         state: AppState,
         bundle: common_pb2.TrustBundle,
     ) -> None:
-        write_atomic(self.key_path, _key_pem(key), mode=0o600)
-        write_atomic(self.chain_path, chain_pem.encode("ascii"))
-        if bundle.ca_certificates_pem:
-            write_atomic(self.bundle_path, bundle.ca_certificates_pem.encode("ascii"))
-            save_bundle(self.trust_path, bundle)
-        write_atomic(self.state_path, json.dumps(asdict(state)).encode())
+        self._write_identity(key, chain_pem, asdict(state), bundle)
 
     async def refresh_trust_bundle(self) -> bool:
         """Fetch the broker's current trust bundle (over TLS verified with the pinned roots) and
@@ -151,8 +98,7 @@ class AppClient:
         held = load_bundle(self.trust_path).version if self.trust_path.exists() else ""
         if bundle.version == held:
             return False
-        write_atomic(self.bundle_path, bundle.ca_certificates_pem.encode("ascii"))
-        save_bundle(self.trust_path, bundle)
+        self.save_trust_bundle(bundle)
         return True
 
     # -- account -------------------------------------------------------------------------------

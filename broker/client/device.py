@@ -28,12 +28,13 @@ from broker._proto.broker.v1 import (
     device_pb2,
     device_pb2_grpc,
 )
-from broker.client.bundle import load_bundle, save_bundle
+from broker.client.bundle import load_bundle
 from broker.client.channels import mtls_channel, tls_channel
+from broker.client.identity_dir import IdentityDir
 from broker.clock import Clock, SystemClock
 from broker.e2e import Sealer, device_side
 from broker.errors import PermissionDenied
-from broker.pemfile import read_private_key, write_atomic
+from broker.pemfile import read_private_key
 from broker.tokens import SessionClaims, TokenVerifier, key_hash
 
 
@@ -145,49 +146,10 @@ def make_csr(key: ec.EllipticCurvePrivateKey) -> str:
     return csr.public_bytes(serialization.Encoding.PEM).decode("ascii")
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-class DeviceClient:
+class DeviceClient(IdentityDir):
     """A camera's view of the broker: enroll, renew, attach."""
 
-    def __init__(self, state_dir: Path, endpoints: Endpoints, ca_bundle_pem: bytes) -> None:
-        self.dir = state_dir
-        self.endpoints = endpoints
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if not self.bundle_path.exists():
-            write_atomic(self.bundle_path, ca_bundle_pem)
-
-    # -- files ---------------------------------------------------------------------------------
-    @property
-    def key_path(self) -> Path:
-        return self.dir / "device.key"
-
-    @property
-    def chain_path(self) -> Path:
-        return self.dir / "device.pem"
-
-    @property
-    def bundle_path(self) -> Path:
-        return self.dir / "ca-bundle.pem"
-
-    @property
-    def state_path(self) -> Path:
-        return self.dir / "state.json"
-
-    @property
-    def trust_path(self) -> Path:
-        """The full trust bundle (JWKS included) as last received from the broker."""
-        return self.dir / "trust-bundle.json"
-
-    def save_trust_bundle(self, bundle: common_pb2.TrustBundle) -> None:
-        """Keep the bundle the broker sent (enrollment, renewal or an Attach update)."""
-        save_bundle(self.trust_path, bundle)
-        if bundle.ca_certificates_pem:
-            write_atomic(self.bundle_path, bundle.ca_certificates_pem.encode("ascii"))
+    FILE_STEM = "device"
 
     def private_key(self) -> ec.EllipticCurvePrivateKey:
         """The device key (generated here at enrollment or renewal)."""
@@ -220,14 +182,7 @@ class DeviceClient:
         state: DeviceState,
         bundle: common_pb2.TrustBundle,
     ) -> None:
-        # Key first (0600), then chain and bundle, then state: state.json is written last, so a
-        # crash leaves a consistent identity on disk.
-        write_atomic(self.key_path, _key_pem(key), mode=0o600)
-        write_atomic(self.chain_path, chain_pem.encode("ascii"))
-        if bundle.ca_certificates_pem:
-            write_atomic(self.bundle_path, bundle.ca_certificates_pem.encode("ascii"))
-            self.save_trust_bundle(bundle)
-        write_atomic(self.state_path, json.dumps(asdict(state)).encode("utf-8"))
+        self._write_identity(key, chain_pem, asdict(state), bundle)
 
     # -- enrollment ----------------------------------------------------------------------------
     async def enroll(self, enrollment_token: str) -> DeviceState:
@@ -288,16 +243,6 @@ class DeviceClient:
             if clear is error:
                 raise
             raise clear from error
-
-    def channel(self) -> grpc.aio.Channel:
-        """A mutual-TLS channel to the main listener with the current device certificate."""
-        return mtls_channel(
-            self.endpoints.main,
-            self.bundle_path.read_bytes(),
-            self.key_path.read_bytes(),
-            self.chain_path.read_bytes(),
-            self.endpoints.server_name,
-        )
 
     async def renew(self) -> DeviceState:
         """Get a new certificate (with a new key) for the same identity."""
