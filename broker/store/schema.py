@@ -107,6 +107,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE certificates ADD COLUMN issuer_ski TEXT",
         "CREATE INDEX certificates_revoked ON certificates(status, not_after)",
     ),
+    # v6: v5's (status, not_after) index made SQLite scan every active certificate on each
+    # renewal (bench/enroll.py: 330 µs -> 1,200 µs after 5,500 certificates). The CRL query only
+    # needs revoked rows; per-subject lookups get (subject, status).
+    (
+        "DROP INDEX certificates_revoked",
+        "CREATE INDEX certificates_revoked ON certificates(not_after) WHERE status = 'revoked'",
+        "CREATE INDEX certificates_subject_status ON certificates(subject, status)",
+    ),
 )
 
 LATEST_VERSION = len(MIGRATIONS)
