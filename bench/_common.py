@@ -393,20 +393,79 @@ def pid_memory(pid: int) -> dict[str, int]:
     return out
 
 
-def serve_broker(home: str, conn: Any, overrides: dict[str, Any]) -> None:
-    """Broker child process: the broker as shipped (its one core thread counted by TimedExecutor);
-    answers "stats" and "stop" over the pipe. Killing the process is an outage."""
+STORM_WHAT_IFS = {
+    "no-presence-write": "Attach skips DeviceAuthority.record_presence (the durable last-seen "
+    "write per attach): the upper bound of coalescing those writes",
+    "switch-interval": "sys.setswitchinterval(0.0005) in the broker (Python default 0.005): "
+    "shorter GIL hand-offs between the event loop and the core thread",
+    "sync-normal": "PRAGMA synchronous=NORMAL on the broker's store connection (no fsync per "
+    "commit; WAL still durable at checkpoints)",
+}
+
+
+class CountingExecutor(Executor):
+    """Wraps the broker's own core executor (as shipped: group commit on one thread) without
+    changing what it does; counts calls, and wall time and calls per core function (the time a
+    call runs inside its batch; the batch's COMMIT is not in it)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.calls = 0
+        self.busy = 0.0
+        self.waited = 0.0
+        self.by_fn: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+
+    @property
+    def batches(self) -> int:
+        return int(getattr(self.inner, "batches", self.calls))
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        name = getattr(getattr(fn, "func", fn), "__qualname__", repr(fn))
+        queued = time.perf_counter()
+
+        def counted() -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent = time.perf_counter() - started
+                self.calls += 1
+                self.busy += spent
+                self.waited += started - queued
+                entry = self.by_fn[name]
+                entry[0] += 1
+                entry[1] += spent
+
+        future: Future[Any] = self.inner.submit(counted)
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.inner.shutdown(wait, cancel_futures=cancel_futures)
+
+
+def serve_broker(home: str, conn: Any, overrides: dict[str, Any],
+                 what_if: tuple[str, ...] = ()) -> None:
+    """Broker child process: the broker as shipped (its own core executor, counted by
+    CountingExecutor), unless what-ifs from STORM_WHAT_IFS are named; answers "stats" and "stop"
+    over the pipe. Killing the process is an outage."""
     raise_nofile()
-    asyncio.run(_serve_broker(Path(home), conn, overrides))
+    if "switch-interval" in what_if:
+        sys.setswitchinterval(0.0005)
+    asyncio.run(_serve_broker(Path(home), conn, overrides, what_if))
 
 
-async def _serve_broker(home: Path, conn: Any, overrides: dict[str, Any]) -> None:
+async def _serve_broker(home: Path, conn: Any, overrides: dict[str, Any],
+                        what_if: tuple[str, ...] = ()) -> None:
     from broker.service.server import BrokerServer
 
     server = BrokerServer(bench_config(home, **overrides))
-    core = TimedExecutor()
-    server.runtime.executor.shutdown()
+    core = CountingExecutor(server.runtime.executor)  # the shipped executor, only counted
     server.runtime.executor = core
+    if "no-presence-write" in what_if:
+        server.runtime.devices.record_presence = (  # type: ignore[method-assign]
+            lambda *_args, **_kwargs: None)
+    if "sync-normal" in what_if:
+        server.store._conn.execute("PRAGMA synchronous = NORMAL")
     ports = await server.start()
     conn.send(("ready", os.getpid(), ports, time.monotonic()))
     loop = asyncio.get_running_loop()
@@ -417,8 +476,10 @@ async def _serve_broker(home: Path, conn: Any, overrides: dict[str, Any]) -> Non
                 "cpu": process_cpu(),
                 "threads": thread_cpu(),
                 "core_calls": core.calls,
+                "core_batches": core.batches,
                 "core_busy": core.busy,
                 "core_waited": core.waited,
+                "core_by_fn": {k: tuple(v) for k, v in core.by_fn.items()},
                 "online": server.runtime.presence.online_count(),
                 "live_sessions": server.runtime.relay.live_count(),
                 **pid_memory(os.getpid()),
@@ -434,7 +495,7 @@ class BrokerChild:
     pass the ports of a previous broker to restart on the same addresses."""
 
     def __init__(self, home: Path, overrides: dict[str, Any] | None = None,
-                 ports: dict[str, int] | None = None) -> None:
+                 ports: dict[str, int] | None = None, what_if: tuple[str, ...] = ()) -> None:
         overrides = dict(overrides or {})
         if ports:
             for name in ("bootstrap", "main", "factory"):
@@ -442,7 +503,8 @@ class BrokerChild:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self.spawned_at = time.monotonic()
-        self.proc = ctx.Process(target=serve_broker, args=(str(home), child, overrides),
+        self.proc = ctx.Process(target=serve_broker,
+                                args=(str(home), child, overrides, tuple(what_if)),
                                 name="broker", daemon=True)
         self.proc.start()
         deadline = time.monotonic() + 120
@@ -678,13 +740,18 @@ def make_device_client(cred: CameraCredentials, main: str, trust: ClientTrust,
         def save_trust_bundle(self, bundle: Any) -> None:
             return None
 
+        def explained(self, error: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+            # The SDK's own diagnosis of a failed handshake, from the bytes held in memory.
+            reason = device_sdk.explain_handshake_failure(error, trust.ca_pem, cred.chain_pem)
+            return error if reason is None else device_sdk.TlsHandshakeFailed(error, reason)
+
     return MemoryDeviceClient()
 
 
 def make_app_client(cred: AppCredentials, main: str, trust: ClientTrust, trust_path: Path) -> Any:
     """An AppClient (SDK) with its identity in memory; open_session, watch and the hello/frame
     verification are the SDK's own code. trust_path: a bundle file written by write_trust_file."""
-    app_sdk, _, _ = _sdk()
+    app_sdk, device_sdk, _ = _sdk()
     leaf = x509.load_pem_x509_certificate(cred.chain_pem)
     from broker.tokens import cert_thumbprint
 
@@ -692,7 +759,7 @@ def make_app_client(cred: AppCredentials, main: str, trust: ClientTrust, trust_p
 
     class MemoryAppClient(app_sdk.AppClient):  # type: ignore[misc, name-defined]
         def __init__(self) -> None:  # no state directory
-            self.endpoints = app_sdk.Endpoints("", main)
+            self.endpoints = device_sdk.Endpoints("", main)
             self.dir = trust_path.parent
             self._state = app_sdk.AppState(cred.user_id, cred.app_id, cred.spiffe_id,
                                            cred.not_after, cred.renew_after)
@@ -735,16 +802,11 @@ def token_verifier(trust: ClientTrust) -> Any:
     return TokenVerifier(trust.jwks_json, trust.issuer, SystemClock())
 
 
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Done callback: mark a shielded write's outcome as seen (it is counted elsewhere)."""
-    if not future.cancelled():
-        future.exception()
-
-
-def stamped_camera(client: Any, fps: float, frame_bytes: int) -> Any:
+def stamped_camera(client: Any, fps: float, frame_bytes: int, random_phase: bool = True) -> Any:
     """simcam.SimulatedCamera whose frames carry a monotonic stamp taken just before the frame is
     handed to the SDK (AttachSession.send_frame seals and writes it), sent on a fixed schedule
-    (no drift) with the write shielded from the stream task's cancellation; ``late`` collects how late each frame left versus its schedule (seconds): when
+    (no drift), starting at a random phase of the frame interval unless random_phase is False
+    (then every stream a watcher starts at once sends in step: the worst case); ``late`` collects how late each frame left versus its schedule (seconds): when
     that grows, the client process itself is saturated."""
     _, _, simcam = _sdk()
 
@@ -755,20 +817,17 @@ def stamped_camera(client: Any, fps: float, frame_bytes: int) -> Any:
             interval = 1.0 / self.fps
             device_id = self.client.state.device_id
             due = time.monotonic()
+            if random_phase:  # independent cameras: frame clocks not in step with each other
+                due += random.uniform(0, interval)
+                await asyncio.sleep(due - time.monotonic())
             with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 while True:
                     now = time.monotonic()
                     self.late.append(now - due)
                     sequence = stream.sealer.sequence + 1
-                    # Shielded: simcam stops a stream by cancelling this task, and a cancelled
-                    # grpc.aio call.write() cancels the whole Attach RPC (grpc/aio/_call.py
-                    # _write: `except CancelledError: self.cancel()`), silently taking the
-                    # camera offline. The write finishes; the loop still stops at once.
-                    send = asyncio.ensure_future(session.send_frame(stream, stamped_payload(
+                    await session.send_frame(stream, stamped_payload(
                         device_id, stream.session_id, sequence, time.monotonic_ns(),
-                        self.frame_bytes)))
-                    send.add_done_callback(_retrieve)
-                    await asyncio.shield(send)
+                        self.frame_bytes))
                     self.stats.frames_sent += 1
                     due += interval
                     delay = due - time.monotonic()

@@ -86,17 +86,19 @@ CHEAP_ARGON2 = {"argon2_time_cost": 1, "argon2_memory_kib": 8192, "argon2_parall
 # client process: cameras, apps, or both
 # ---------------------------------------------------------------------------------------------
 def client_main(conn: Connection, main: str, trust: ClientTrust, cams: list[CameraCredentials],
-                apps: list[AppCredentials], fps: float, frame_bytes: int, home: str) -> None:
+                apps: list[AppCredentials], fps: float, frame_bytes: int, home: str,
+                aligned: bool) -> None:
     raise_nofile()
-    asyncio.run(_client(conn, main, trust, cams, apps, fps, frame_bytes, Path(home)))
+    asyncio.run(_client(conn, main, trust, cams, apps, fps, frame_bytes, Path(home), aligned))
 
 
 async def _client(conn: Connection, main: str, trust: ClientTrust, cams: list[CameraCredentials],
-                  apps: list[AppCredentials], fps: float, frame_bytes: int, home: Path) -> None:
+                  apps: list[AppCredentials], fps: float, frame_bytes: int, home: Path,
+                  aligned: bool) -> None:
     loop = asyncio.get_running_loop()
     verifier = token_verifier(trust)
-    cameras = [stamped_camera(make_device_client(c, main, trust, verifier), fps, frame_bytes)
-               for c in cams]
+    cameras = [stamped_camera(make_device_client(c, main, trust, verifier), fps, frame_bytes,
+                              random_phase=not aligned) for c in cams]
     tasks = [asyncio.create_task(cam.run()) for cam in cameras]
     if cameras:
         await asyncio.wait_for(asyncio.gather(*(cam.attached.wait() for cam in cameras)), 120)
@@ -223,7 +225,7 @@ class Clients:
 
     def __init__(self, main: str, trust: ClientTrust, cams: list[CameraCredentials],
                  apps: list[AppCredentials], fps: float, frame_bytes: int, home: Path,
-                 together: bool) -> None:
+                 together: bool, aligned: bool) -> None:
         ctx = mp.get_context("spawn")
         roles = [("clients", cams, apps)] if together else [("cameras", cams, []),
                                                             ("apps", [], apps)]
@@ -231,7 +233,8 @@ class Clients:
         for name, c, a in roles:
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=client_main, name=name, daemon=True,
-                               args=(child, main, trust, c, a, fps, frame_bytes, str(home)))
+                               args=(child, main, trust, c, a, fps, frame_bytes, str(home),
+                                     aligned))
             proc.start()
             if not parent.poll(180):
                 raise RuntimeError(f"{name} process did not get ready")
@@ -396,6 +399,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="shared machine: before each run wait up to S s until other processes use "
                    "less than --quiet-below cores (default 30, quick 5)")
     p.add_argument("--quiet-below", type=float, default=0.2, help="cores (0.2)")
+    p.add_argument("--aligned", action="store_true",
+                   help="every camera sends in step (worst case; default: each camera's frame "
+                   "clock starts at a random phase, as independent cameras do)")
     p.add_argument("--together", action="store_true",
                    help="cameras and apps in one client process (default: one process each)")
     p.add_argument("--profile", type=Path, metavar="DIR",
@@ -433,12 +439,13 @@ def main(argv: list[str] | None = None) -> int:
         broker = BrokerChild(home, CHEAP_ARGON2)
         prep = time.monotonic()
         clients = Clients(broker.main, trust, cams, apps, args.fps, args.frame_bytes, home,
-                          args.together)
+                          args.together, args.aligned)
         layout = ", ".join(f"{role} pid {pid}" for role, pid in clients.pids().items())
         print(f"broker pid {broker.pid} (main port {broker.ports['main']}); {layout}; "
               f"{size} cameras attached in {time.monotonic() - prep:.1f} s")
-        print(f"frames: {args.frame_bytes} B plaintext, {args.fps:g} fps per camera, AES-256-GCM "
-              f"end to end; window {args.duration:g} s after a {args.warmup:g} s warm-up")
+        phase = "all in step (--aligned)" if args.aligned else "each camera at a random phase"
+        print(f"frames: {args.frame_bytes} B plaintext, {args.fps:g} fps per camera ({phase}), "
+              f"AES-256-GCM end to end; window {args.duration:g} s after a {args.warmup:g} s warm-up")
         # Warm-up run (not reported): first sessions, JIT-free but cold caches and allocators.
         one_run(broker, clients, size, args.fps, 0.5, 1.0)
         for streams in args.streams:

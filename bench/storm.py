@@ -54,6 +54,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` importable as a script
 from bench._common import (
+    STORM_WHAT_IFS,
     AppCredentials,
     BrokerChild,
     CameraCredentials,
@@ -370,9 +371,11 @@ class Restart:
     others: float  # busy cores by processes outside this bench
     core_busy: float
     core_calls: int
+    core_batches: int
     vm_hwm_kib: int
     storm_wall: float  # kill -> all back (or timeout)
     threads: dict[str, float]  # the new broker's CPU seconds by thread group
+    core_by_fn: dict[str, tuple[int, float]]  # core-thread calls and wall busy by function
     syn_drops: int  # ListenOverflows during the storm (machine-wide)
 
     def cam_all(self) -> float:
@@ -384,8 +387,8 @@ class Restart:
 
 
 def restart(broker: BrokerChild, fleet: Fleet, home: Path, cameras: int, watchers: int,
-            timeout: float, py_spy: str | None = None, profile: Path | None = None
-            ) -> tuple[BrokerChild, Restart]:
+            timeout: float, what_if: tuple[str, ...], py_spy: str | None = None,
+            profile: Path | None = None) -> tuple[BrokerChild, Restart]:
     ports = broker.ports
     ours = fleet.pids()
     clients0 = sum(pid_cpu(p) for p in ours)
@@ -393,7 +396,7 @@ def restart(broker: BrokerChild, fleet: Fleet, home: Path, cameras: int, watcher
     drops0 = listen_overflows()
     t_kill = time.monotonic()
     broker.kill()
-    new = BrokerChild(home, CHEAP_ARGON2, ports)
+    new = BrokerChild(home, CHEAP_ARGON2, ports, what_if)
     spy = None
     if py_spy and profile:
         spy = subprocess.Popen(
@@ -426,7 +429,8 @@ def restart(broker: BrokerChild, fleet: Fleet, home: Path, cameras: int, watcher
         sessions_per_watcher=[n for _, n in wt],
         broker_cpu=broker_cpu, clients_cpu=clients_cpu, machine=machine, others=others,
         core_busy=stats["core_busy"], core_calls=stats["core_calls"],
-        vm_hwm_kib=stats.get("VmHWM", 0), storm_wall=wall, threads=stats["threads"],
+        core_batches=stats["core_batches"],
+        vm_hwm_kib=stats.get("VmHWM", 0), storm_wall=wall, threads=stats["threads"], core_by_fn=stats["core_by_fn"],
         syn_drops=drops,
     )
 
@@ -452,8 +456,9 @@ def print_restart(index: int, r: Restart, cameras: int, watchers: int) -> None:
               f"{max(r.sessions_per_watcher, default=0)}")
     wall = max(r.storm_wall - back, 1e-9)
     print(f"    broker: {r.broker_cpu:.1f} s CPU in {wall:.1f} s since it started "
-          f"({100 * r.broker_cpu / wall:.0f}% of a core), core thread busy "
-          f"{100 * r.core_busy / wall:.0f}% ({r.core_calls:,} calls), VmHWM "
+          f"({100 * r.broker_cpu / wall:.0f}% of a core), core thread in calls "
+          f"{100 * r.core_busy / wall:.0f}% of the time ({r.core_calls:,} calls in "
+          f"{r.core_batches:,} group commits), VmHWM "
           f"{r.vm_hwm_kib / 1024:.0f} MiB;  clients {r.clients_cpu:.1f} s CPU;  machine "
           f"{r.machine:.2f}/{os.cpu_count()} cores busy, {r.others:.2f} by other processes")
     back_count = max(1, len(ct))
@@ -461,6 +466,12 @@ def print_restart(index: int, r: Restart, cameras: int, watchers: int) -> None:
     print("    broker CPU by thread, per re-attached camera: " + ";  ".join(
         f"{name} {1e3 * sec / back_count:.2f} ms" for name, sec in top)
         + f";  SYNs dropped on full accept queues: {r.syn_drops:,}")
+    calls = sorted(r.core_by_fn.items(), key=lambda kv: -kv[1][1])[:6]
+    print("    core thread (one thread, every store call; wall in the call, commit excluded): "
+          + ";  ".join(
+        f"{name} {n:,}x {1e3 * busy / max(n, 1):.2f} ms" for name, (n, busy) in calls)
+        + f"  = {sum(n for n, _ in r.core_by_fn.values()) / back_count:.1f} calls and "
+        f"{1e3 * sum(b for _, b in r.core_by_fn.values()) / back_count:.2f} ms wall per camera")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,6 +542,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="shared machine: before each restart wait up to S s until other processes "
                    "use less than --quiet-below cores (default 30, quick 5)")
     p.add_argument("--quiet-below", type=float, default=0.2, help="cores (0.2)")
+    p.add_argument("--what-if", default="", metavar="A,B",
+                   help="broker tweaks for every broker of the run (not the broker as shipped): "
+                   + "; ".join(f"{k}: {v}" for k, v in STORM_WHAT_IFS.items()))
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="one extra restart with py-spy on the new broker (not in the figures)")
     p.add_argument("--py-spy", help="py-spy executable (default: the venv's, else PATH)")
@@ -540,6 +554,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.restarts = args.restarts or (2 if args.quick else 3)
     if args.wait_quiet is None:
         args.wait_quiet = 5.0 if args.quick else 30.0
+    args.what_if = tuple(x for x in args.what_if.split(",") if x)
+    for name in args.what_if:
+        if name not in STORM_WHAT_IFS:
+            p.error(f"unknown what-if {name!r}; choose from {', '.join(STORM_WHAT_IFS)}")
     return args
 
 
@@ -565,7 +583,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"setup: {n:,} cameras enrolled with one-time tokens, {w:,} owners each with an app "
               f"instance that claimed one camera (core API, before the broker starts) in "
               f"{time.monotonic() - prep:.1f} s")
-        broker = BrokerChild(home, CHEAP_ARGON2)
+        if args.what_if:
+            print("WHAT-IF (not the broker as shipped): " + "; ".join(
+                f"{k}: {STORM_WHAT_IFS[k]}" for k in args.what_if))
+        broker = BrokerChild(home, CHEAP_ARGON2, what_if=args.what_if)
         fleet = Fleet(broker.main, trust, cams, apps, args, home)
         print(f"broker pid {broker.pid} ports {broker.ports}; {args.camera_procs} camera "
               f"processes, 1 watcher process; reconnect backoff full jitter, window "
@@ -596,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
             if waited >= 0.5:
                 print(f"  (waited {waited:.0f} s for other processes to calm down; they used "
                       f"{load:.2f} cores just before the kill)")
-            broker, result = restart(broker, fleet, home, n, w, args.timeout)
+            broker, result = restart(broker, fleet, home, n, w, args.timeout, args.what_if)
             restarts.append(result)
             print_restart(r + 1, result, n, w)
             if result.cameras_missing or result.watchers_missing:
@@ -608,7 +629,8 @@ def main(argv: list[str] | None = None) -> int:
             if py_spy:
                 args.profile.mkdir(parents=True, exist_ok=True)
                 raw = args.profile / "storm-broker.txt"
-                broker, result = restart(broker, fleet, home, n, w, args.timeout, py_spy, raw)
+                broker, result = restart(broker, fleet, home, n, w, args.timeout, args.what_if,
+                                         py_spy, raw)
                 print(f"\nprofile: one extra restart with py-spy on the new broker (not in the "
                       f"figures): all cameras back {result.cam_all() - result.outage:.2f} s after it "
                       f"listened; stacks in {raw}")
@@ -667,14 +689,14 @@ def main(argv: list[str] | None = None) -> int:
         cam_after_kill = [r.cam_all() for r in restarts]
         watch_after_kill = [r.watch_all() for r in restarts]
         print(f"  {'restart':>8}{'outage s':>9}{'cams back s':>12}{'(from kill)':>12}"
-              f"{'cams/s':>8}{'watchers back s':>16}{'broker CPU':>11}{'core busy':>10}"
+              f"{'cams/s':>8}{'watchers back s':>16}{'broker CPU':>11}{'core calls':>11}"
               f"{'VmHWM MiB':>10}{'others':>7}{'SYN drops':>10}")
         for i, r in enumerate(restarts, 1):
             wall = max(r.storm_wall - r.outage, 1e-9)
             rate = len(r.camera_times) / max(1e-9, r.cam_all() - r.outage)
             print(f"  {i:>8}{r.outage:>9.2f}{r.cam_all() - r.outage:>12.2f}{r.cam_all():>12.2f}"
                   f"{rate:>8,.0f}{r.watch_all():>16.2f}{100 * r.broker_cpu / wall:>10.0f}%"
-                  f"{100 * r.core_busy / wall:>9.0f}%{r.vm_hwm_kib / 1024:>10.0f}"
+                  f"{100 * r.core_busy / wall:>10.0f}%{r.vm_hwm_kib / 1024:>10.0f}"
                   f"{r.others:>7.2f}{r.syn_drops:>10,}")
         print(f"  MEDIAN: all {n:,} cameras re-attached {median(cam_after_listen):.2f} s after the "
               f"new broker listened ({median(cam_after_kill):.2f} s after the kill); all {w:,} "
