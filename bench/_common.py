@@ -874,3 +874,18 @@ def wait_quiet(pids: list[int], below: float, max_wait: float) -> tuple[float, f
     while load >= below and time.monotonic() - started < max_wait:
         load = others_busy(pids, 1.0)
     return time.monotonic() - started, load
+
+
+def count_unretrieved(counts: Any, key: str = "unretrieved task errors") -> None:
+    """On the running loop, count (instead of printing) "Task exception was never retrieved":
+    the SDK's shielded writes fail that way when their caller already left (a failed Attach).
+    Every other loop error keeps the default handler."""
+    loop = asyncio.get_running_loop()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if str(context.get("message", "")).startswith("Task exception was never retrieved"):
+            counts[key] += 1
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)

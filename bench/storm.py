@@ -61,6 +61,7 @@ from bench._common import (
     ClientTrust,
     backoff_delay,
     bench_config,
+    count_unretrieved,
     listen_overflows,
     machine_cpu,
     make_app_client,
@@ -107,6 +108,7 @@ async def _cameras(conn: Connection, main: str, trust: ClientTrust, cams: list[C
                for c in cams]
     attached_at: list[list[float]] = [[] for _ in cameras]
     attempts = Counter[str]()
+    count_unretrieved(attempts, "SDK write errors nobody retrieved")
 
     async def life(i: int, cam: Any) -> None:
         """Attach; when the stream breaks (or never came up), back off with jitter and retry."""
@@ -188,6 +190,7 @@ async def _watchers(conn: Connection, main: str, trust: ClientTrust, apps: list[
     viewings: list[list[Viewing]] = [[] for _ in apps]
     counts = Counter[str]()
     outcomes = Counter[str]()
+    count_unretrieved(outcomes, "SDK write errors nobody retrieved")
 
     async def life(i: int) -> None:
         app, device_id = clients[i], apps[i].device_id
@@ -649,8 +652,11 @@ def main(argv: list[str] | None = None) -> int:
             attempts.update(s["attempts"])
         counts = watcher_stats.get("counts", {})
         outcomes = Counter(watcher_stats.get("outcomes", {}))
+        unretrieved = attempts.pop("SDK write errors nobody retrieved", 0)
         print(f"\nclients: camera Attach attempts {attempts.pop('attempts', 0):,}; how they ended "
               f"(most common): {attempts.most_common(4)}")
+        print(f"  camera SDK: {unretrieved:,} shielded writes failed after their caller left "
+              "(asyncio 'Task exception was never retrieved', counted instead of printed)")
         print(f"  watcher outcomes (most common): {outcomes.most_common(5)}")
         camera_hwm = ", ".join(f"{s.get('VmHWM', 0) / 1024:.0f}" for s in camera_stats)
         print(f"  client memory VmHWM: cameras {camera_hwm} MiB, watchers "

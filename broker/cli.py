@@ -26,10 +26,21 @@ def _config(args: argparse.Namespace) -> Config:
     return from_environment(Path(args.home) if args.home else None)
 
 
+def _raise_open_file_limit() -> None:
+    """Every attached camera holds a socket: raise the soft descriptor limit to the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from broker.service.server import BrokerServer
 
     config = _config(args)
+    _raise_open_file_limit()
     if args.init_pki:
         _init(config)
 

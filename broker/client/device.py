@@ -347,7 +347,11 @@ class AttachSession:
         # grpc.aio cancels the whole RPC when a task is cancelled inside call.write(); callers
         # cancel senders freely (a stopped stream's frame task), so the write itself is shielded
         # and completes (holding the lock) even if the caller stops waiting for it.
-        await asyncio.shield(self._locked_write(message))
+        write = asyncio.ensure_future(self._locked_write(message))
+        # If the caller has gone, nobody awaits the write: read its outcome so asyncio does not
+        # report it as never retrieved (the stream's own end is reported elsewhere).
+        write.add_done_callback(lambda task: task.cancelled() or task.exception())
+        await asyncio.shield(write)
 
     async def _locked_write(self, message: device_pb2.DeviceMessage) -> None:
         async with self._write_lock:

@@ -73,6 +73,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         handle = self._rt.presence.attach(
             device_id, caller.serial, self._chain_pem(caller.certificate)
         )
+        handle.bundle_version = hello.trust_bundle_version  # heartbeats report changes only
         reader = asyncio.create_task(self._read_loop(context, handle))
         try:
             await self._greet(context, hello, device_id)
