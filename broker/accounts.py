@@ -17,7 +17,7 @@ from broker.ca import IssuedCertificate, IssuingAuthority
 from broker.clock import Clock
 from broker.config import Config
 from broker.corebase import CoreService
-from broker.csr import PublicKey, public_key_from_csr, spki_sha256
+from broker.csr import PublicKey, public_key_from_csr
 from broker.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -138,7 +138,7 @@ class Accounts(CoreService):
         app_id = new_id("a")
         identity = Identity(Kind.APP, self._config.trust_domain, user.user_id, app_id)
         with self._store.transaction() as tx:
-            if tx.subjects_with_key(spki_sha256(key)):
+            if not self._key_is_free(tx, key, identity):
                 raise PermissionDenied(
                     "this public key already belongs to another identity: make a new key"
                 )
@@ -162,20 +162,17 @@ class Accounts(CoreService):
             app = tx.get_app(caller.app_id)
             if app is None or app.state is not DeviceState.ACTIVE or app.user_id != caller.name:
                 raise Unauthenticated("app instance is signed out or revoked")
-            if tx.subjects_with_key(spki_sha256(key)) - {caller.spiffe_id}:
+            if not self._key_is_free(tx, key, caller):
                 raise PermissionDenied(
                     "this public key already belongs to another identity: make a new key"
                 )
-            issued = self._issue(tx, caller, key)
-            superseded = tx.supersede_certificates(caller.spiffe_id, issued.serial, self._now())
-            self._audit(
+            issued = self._renew(
                 tx,
-                AuditEvent(
-                    caller.spiffe_id,
-                    "certificate.renewed",
-                    caller.app_id,
-                    {"serial": issued.serial, "superseded": superseded},
-                ),
+                self._ca,
+                caller,
+                key,
+                dt.timedelta(days=self._config.app_cert_days),
+                caller.app_id,
             )
         return issued
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 from broker.audit import AuditEvent
-from broker.ca import IssuedCertificate
+from broker.ca import IssuedCertificate, IssuingAuthority
 from broker.clock import Clock, unix
 from broker.config import Config
 from broker.csr import PublicKey, spki_sha256
@@ -27,6 +29,34 @@ class CoreService:
 
     def _audit(self, tx: Transaction, event: AuditEvent) -> None:
         tx.append_audit(event, self._now_ms())
+
+    def _key_is_free(self, tx: Transaction, key: PublicKey, identity: Identity) -> bool:
+        """Whether no other identity already holds this public key."""
+        return tx.subjects_with_key(spki_sha256(key)) <= {identity.spiffe_id}
+
+    def _renew(
+        self,
+        tx: Transaction,
+        ca: IssuingAuthority,
+        caller: Identity,
+        key: PublicKey,
+        lifetime: dt.timedelta,
+        audit_subject: str,
+    ) -> IssuedCertificate:
+        """Issue and record a new certificate for caller, supersede its others, audit it."""
+        issued = ca.issue(key, caller, lifetime)
+        self._record_issued(tx, caller, issued, key)
+        superseded = tx.supersede_certificates(caller.spiffe_id, issued.serial, self._now())
+        self._audit(
+            tx,
+            AuditEvent(
+                caller.spiffe_id,
+                "certificate.renewed",
+                audit_subject,
+                {"serial": issued.serial, "superseded": superseded},
+            ),
+        )
+        return issued
 
     def _record_issued(
         self, tx: Transaction, identity: Identity, issued: IssuedCertificate, key: PublicKey

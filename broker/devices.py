@@ -83,10 +83,6 @@ class DeviceAuthority(CoreService):
             self._audit(tx, event)
         raise error
 
-    def _key_is_free(self, tx: Transaction, key: PublicKey, identity: Identity) -> bool:
-        return tx.subjects_with_key(spki_sha256(key)) <= {identity.spiffe_id}
-
-    # -- enrollment tokens -----------------------------------------------------------------------
     def create_enrollment_token(
         self, actor: Identity, device_id: str, ttl_seconds: int = 0
     ) -> EnrollmentToken:
@@ -234,17 +230,13 @@ class DeviceAuthority(CoreService):
                 raise Unauthenticated("device is not active")
             if not self._key_is_free(tx, key, caller):
                 raise PermissionDenied(_refusal_message("key bound to another identity"))
-            issued = self._ca.issue(key, caller, dt.timedelta(days=self._config.device_cert_days))
-            self._record_issued(tx, caller, issued, key)
-            superseded = tx.supersede_certificates(caller.spiffe_id, issued.serial, self._now())
-            self._audit(
+            issued = self._renew(
                 tx,
-                AuditEvent(
-                    caller.spiffe_id,
-                    "certificate.renewed",
-                    caller.name,
-                    {"serial": issued.serial, "superseded": superseded},
-                ),
+                self._ca,
+                caller,
+                key,
+                dt.timedelta(days=self._config.device_cert_days),
+                caller.name,
             )
         return issued
 
