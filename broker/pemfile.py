@@ -14,13 +14,18 @@ from broker.errors import ConfigurationError
 PRIVATE_MODE = 0o600
 
 
-def write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    """Write key as unencrypted PKCS#8 PEM, mode 0600; refuse to replace an existing file."""
-    data = key.private_bytes(
+def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """Unencrypted PKCS#8 PEM of key (files holding it are always 0600)."""
+    return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+def write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    """Write key as unencrypted PKCS#8 PEM, mode 0600; refuse to replace an existing file."""
+    data = private_key_pem(key)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE)
     with os.fdopen(fd, "wb") as handle:
@@ -38,6 +43,11 @@ def read_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ConfigurationError(f"{path} is not an EC private key")
     return key
+
+
+def replace_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    """Atomically replace a key file (rotation, renewal), mode 0600."""
+    write_atomic(path, private_key_pem(key), mode=PRIVATE_MODE)
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:

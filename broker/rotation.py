@@ -41,6 +41,7 @@ from broker.pemfile import (
     cert_pem,
     read_certificates,
     read_private_key,
+    replace_private_key,
     write_atomic,
 )
 from broker.store import CertStatus, DeviceState, Store
@@ -91,15 +92,6 @@ def write_ca_bundle(files: PkiFiles) -> None:
     write_atomic(files.ca_bundle, b"".join(cert_pem(c) for c in trusted_roots(files)))
 
 
-def _replace_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    from cryptography.hazmat.primitives import serialization
-
-    data = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    write_atomic(path, data, mode=PRIVATE_MODE)
-
-
 def _archive(files: PkiFiles, kind: str, cert_path: Path, key_path: Path) -> Path:
     """Move a CA's cert and key into <kind>-previous/<serial>.{pem,key}; returns the new cert path."""
     cert = read_certificates(cert_path)[0]
@@ -145,7 +137,7 @@ def rotate_server_cert(config: Config, clock: Clock) -> RotationReport:
         ip_addresses=SERVER_IPS,
     )
     # The broker re-reads both files per handshake and only switches when key and cert match.
-    _replace_private_key(files.server_key, key)
+    replace_private_key(files.server_key, key)
     write_atomic(files.server_chain, server_chain_pem(files, issued.certificate).encode("ascii"))
     return RotationReport(
         "pki.server_cert_rotated",
@@ -168,7 +160,7 @@ def rotate_intermediate(config: Config, clock: Clock) -> RotationReport:
     root_cert = read_certificates(files.root_cert)[0]
     key = new_key()
     cert = make_issuing(key, root_key, root_cert, config.trust_domain, clock.now())
-    _replace_private_key(files.issuing_key, key)
+    replace_private_key(files.issuing_key, key)
     write_atomic(files.issuing_cert, cert_pem(cert))
     return RotationReport(
         "pki.intermediate_rotated",
@@ -192,7 +184,7 @@ def reissue_operator_cert(config: Config, clock: Clock) -> str:
     issued = load_authority(config, clock).issue(
         key.public_key(), identity, dt.timedelta(days=config.operator_cert_days)
     )
-    _replace_private_key(files.operator_key, key)
+    replace_private_key(files.operator_key, key)
     write_atomic(files.operator_chain, issued.chain_pem.encode("ascii"))
     return issued.serial
 
@@ -239,7 +231,7 @@ def rotate_root(config: Config, clock: Clock) -> RotationReport:
     key = new_key()
     root = make_root(key, f"Camera Broker Root CA {now:%Y%m%d%H%M%S} {key_tag(key)}", now)
     cross = cross_sign(root, key, old_root, old_key, now)
-    _replace_private_key(files.root_key, key)
+    replace_private_key(files.root_key, key)
     write_atomic(files.root_cert, cert_pem(root))
     write_atomic(cross_cert_path(files), cert_pem(cross))
     write_ca_bundle(files)

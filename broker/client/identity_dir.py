@@ -7,13 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from broker._proto.broker.v1 import common_pb2
 from broker.client.bundle import save_bundle
 from broker.client.channels import mtls_channel, tls_channel
-from broker.pemfile import write_atomic
+from broker.pemfile import replace_private_key, write_atomic
 
 
 class IdentityDir:
@@ -65,12 +64,7 @@ class IdentityDir:
     ) -> None:
         # Key first (0600), then chain and bundle, then state: state.json is written last, so a
         # crash leaves a consistent identity on disk.
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        write_atomic(self.key_path, key_pem, mode=0o600)
+        replace_private_key(self.key_path, key)
         write_atomic(self.chain_path, chain_pem.encode("ascii"))
         self.save_trust_bundle(bundle)
         write_atomic(self.state_path, json.dumps(state).encode("utf-8"))

@@ -39,7 +39,17 @@ class ReloadingCredentials:
         self._chain_path = chain_path
         self._client_ca_path = client_ca_path
         self._digest = ""
+        self._stamp: tuple[tuple[int, int, int], ...] = ()
         self.reloads = 0
+
+    def _paths(self) -> tuple[Path, ...]:
+        return tuple(p for p in (self._key_path, self._chain_path, self._client_ca_path) if p)
+
+    def _file_stamp(self) -> tuple[tuple[int, int, int], ...]:
+        """(inode, mtime, size) of each file: rotations replace files atomically, so a changed
+        file always changes its stamp, and an unchanged stamp needs no read at all."""
+        stats = (p.stat() for p in self._paths())
+        return tuple((st.st_ino, st.st_mtime_ns, st.st_size) for st in stats)
 
     def _read(self) -> tuple[bytes, bytes, bytes | None]:
         client_ca = self._client_ca_path.read_bytes() if self._client_ca_path else None
@@ -53,6 +63,7 @@ class ReloadingCredentials:
         )
 
     def credentials(self) -> grpc.ServerCredentials:
+        self._stamp = self._file_stamp()
         key, chain, client_ca = self._read()
         self._digest = self._fingerprint(key, chain, client_ca)
         return grpc.dynamic_ssl_server_credentials(
@@ -66,10 +77,15 @@ class ReloadingCredentials:
         return hashlib.sha256(key + b"\0" + chain + b"\0" + (client_ca or b"")).hexdigest()
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        # Called by grpc on every handshake, holding the GIL: stat, and read only on change.
         try:
+            stamp = self._file_stamp()
+            if stamp == self._stamp:
+                return None
             key, chain, client_ca = self._read()
         except OSError:
             return None
+        self._stamp = stamp
         digest = self._fingerprint(key, chain, client_ca)
         if digest == self._digest or not key_matches_chain(key, chain):
             return None
