@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from broker.audit import AuditEvent
 from broker.clock import Clock, unix
@@ -32,6 +34,32 @@ class AccessEntry:
     outcome: str
     reason: str
     bytes: int
+
+
+@dataclass
+class _AccessRow:
+    """One session's access-log line, folded from its audit entries in order."""
+
+    user_id: str = ""
+    app_id: str = ""
+    started_at: int = 0
+    ended_at: int = 0
+    outcome: str = "opened"
+    reason: str = ""
+    bytes: int = 0
+
+    def add(self, action: str, detail: Mapping[str, Any], at: int) -> None:
+        if action in ("session.opened", "session.denied"):
+            self.user_id = str(detail.get("user_id", ""))
+            self.app_id = str(detail.get("app_id", ""))
+            self.started_at = at
+        if action == "session.denied":
+            self.outcome, self.reason = "denied", str(detail.get("reason", ""))
+        if action in ("session.ended", "session.closed") and self.outcome != "denied":
+            if not self.ended_at:
+                self.ended_at, self.reason = at, str(detail.get("reason", ""))
+            self.outcome = "ended"
+            self.bytes += int(detail.get("bytes", 0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,48 +249,28 @@ class Sessions:
             grant = tx.get_grant(device_id, caller.name)
             if grant is None or grant.role is not Role.OWNER:
                 raise PermissionDenied("only the device's owner can read its access log")
-            entries = tx.audit_entries_for(device_id, "session.")
-            rows: dict[str, dict[str, object]] = {}
-            for entry in entries:
-                detail = entry.detail
-                sid = str(detail.get("session_id", ""))
-                row = rows.setdefault(
-                    sid, {"bytes": 0, "ended_at": 0, "reason": "", "outcome": "opened"}
+            rows: dict[str, _AccessRow] = {}
+            for entry in tx.audit_entries_for(device_id, "session."):
+                sid = str(entry.detail.get("session_id", ""))
+                rows.setdefault(sid, _AccessRow()).add(
+                    entry.action, entry.detail, entry.at_ms // 1000
                 )
-                at = entry.at_ms // 1000
-                if entry.action in ("session.opened", "session.denied"):
-                    row.update(
-                        user_id=detail.get("user_id", ""),
-                        app_id=detail.get("app_id", ""),
-                        started_at=at,
-                    )
-                if entry.action == "session.denied":
-                    row.update(outcome="denied", reason=detail.get("reason", ""))
-                if (
-                    entry.action in ("session.ended", "session.closed")
-                    and row["outcome"] != "denied"
-                ):
-                    if not row["ended_at"]:
-                        row.update(ended_at=at, reason=detail.get("reason", ""))
-                    row["outcome"] = "ended"
-                    row["bytes"] = int(row["bytes"]) + int(detail.get("bytes", 0))  # type: ignore[call-overload]
             result = []
             for sid, row in rows.items():
-                user_id, app_id = str(row.get("user_id", "")), str(row.get("app_id", ""))
-                user = tx.get_user(user_id) if user_id else None
-                app = tx.get_app(app_id) if app_id else None
+                user = tx.get_user(row.user_id) if row.user_id else None
+                app = tx.get_app(row.app_id) if row.app_id else None
                 result.append(
                     AccessEntry(
                         sid,
-                        user_id,
+                        row.user_id,
                         user.username if user else "",
-                        app_id,
+                        row.app_id,
                         app.label if app else "",
-                        int(row.get("started_at", 0)),  # type: ignore[call-overload]
-                        int(row["ended_at"]),  # type: ignore[call-overload]
-                        str(row["outcome"]),
-                        str(row["reason"]),
-                        int(row["bytes"]),  # type: ignore[call-overload]
+                        row.started_at,
+                        row.ended_at,
+                        row.outcome,
+                        row.reason,
+                        row.bytes,
                     )
                 )
             return result
