@@ -23,7 +23,7 @@ run: $(STAMP) ## serve on 127.0.0.1:8444 (bootstrap), :8443 (main), :8445 (facto
 	$(BROKER) serve --init-pki
 
 demo: $(STAMP) ## the whole story in one process: enroll, claim, share, watch, stranger denied, revoke live, access log
-	$(PY) -m broker.demo
+	$(PY) -m broker.dev.demo
 
 test: $(STAMP) ## lint, type-check, then the whole test suite
 	$(PY) -m ruff check broker tests bench tools

@@ -588,7 +588,7 @@ class _FixedHasher:
     """Setup fake for PasswordHasher: every bench account gets one precomputed (real) hash."""
 
     def __init__(self, config: Config) -> None:
-        from broker.passwords import PasswordHasher
+        from broker.accounts.passwords import PasswordHasher
 
         self._real = PasswordHasher(config)
         self._hash = self._real.hash(BENCH_PASSWORD)
@@ -614,15 +614,15 @@ def provision(config: Config, cameras: int, owners: int,
     camera with its claim code (Ownership). Only this setup connection runs with
     synchronous=OFF; the broker opens its own connection (FULL) later.
     """
-    from broker.accounts import Accounts
-    from broker.ca import load_authority, new_key
+    from broker.accounts.users import Accounts
     from broker.client.device import make_csr
     from broker.clock import SystemClock, unix
-    from broker.devices import DeviceAuthority
-    from broker.identity import operator
-    from broker.ownership import Ownership
-    from broker.tokens import load_keyring
-    from broker.trust import load_trust_bundle
+    from broker.devices.enrollment import DeviceAuthority
+    from broker.devices.ownership import Ownership
+    from broker.identity.spiffe import operator
+    from broker.pki.ca import load_authority, new_key
+    from broker.pki.trust import load_trust_bundle
+    from broker.protocol.tokens import load_keyring
 
     clock = SystemClock()
     store = SqliteStore(config.database)
@@ -709,7 +709,7 @@ def make_device_client(cred: CameraCredentials, main: str, trust: ClientTrust,
     """A DeviceClient (SDK) holding its enrolled identity in memory: attach, the stream
     handshake and frame sealing are the SDK's own code; only file reads are replaced."""
     _, device_sdk, _ = _sdk()
-    from broker.identity import device
+    from broker.identity.spiffe import device
 
     class MemoryDeviceClient(device_sdk.DeviceClient):  # type: ignore[misc, name-defined]
         def __init__(self) -> None:  # no state directory
@@ -753,7 +753,7 @@ def make_app_client(cred: AppCredentials, main: str, trust: ClientTrust, trust_p
     verification are the SDK's own code. trust_path: a bundle file written by write_trust_file."""
     app_sdk, device_sdk, _ = _sdk()
     leaf = x509.load_pem_x509_certificate(cred.chain_pem)
-    from broker.tokens import cert_thumbprint
+    from broker.protocol.tokens import cert_thumbprint
 
     thumb = cert_thumbprint(leaf.public_bytes(serialization.Encoding.DER))
 
@@ -797,7 +797,7 @@ def write_trust_file(path: Path, trust: ClientTrust) -> Path:
 def token_verifier(trust: ClientTrust) -> Any:
     """One TokenVerifier (stateless) shared by every camera of a process."""
     from broker.clock import SystemClock
-    from broker.tokens import TokenVerifier
+    from broker.protocol.tokens import TokenVerifier
 
     return TokenVerifier(trust.jwks_json, trust.issuer, SystemClock())
 

@@ -52,14 +52,14 @@ from typing import Any
 import grpc
 
 from broker._proto.broker.v1 import bootstrap_pb2, bootstrap_pb2_grpc
-from broker.audit import verify_chain
-from broker.ca import IssuedCertificate, init_pki, load_authority, new_key
+from broker.audit.chain import verify_chain
 from broker.client.device import make_csr
 from broker.clock import SystemClock
 from broker.config import Config
-from broker.csr import public_key_from_csr
-from broker.devices import DeviceAuthority
-from broker.identity import device, operator
+from broker.devices.enrollment import DeviceAuthority
+from broker.identity.spiffe import device, operator
+from broker.pki.ca import IssuedCertificate, init_pki, load_authority, new_key
+from broker.pki.csr import public_key_from_csr
 from broker.service.server import BrokerServer
 from broker.store.sqlite import SqliteStore, SqliteTransaction
 
@@ -474,7 +474,7 @@ def core_costs(home: Path, count: int, grow: int) -> list[Cost]:
                                 for i in range(n)])
         return DeviceAuthority(cfg, issuer, store, clock), store, tokens
 
-    csr = measure("CSR parse + signature check", "broker.csr.public_key_from_csr",
+    csr = measure("CSR parse + signature check", "broker.pki.csr.public_key_from_csr",
                   lambda i: public_key_from_csr(csrs[i]), count)
     identities = [device(config.trust_domain, f"micro-{i:06d}") for i in range(count)]
     issue = measure(ISSUE, "P-256 ECDSA, fixed profile, chain PEM",

@@ -74,10 +74,10 @@ from bench._common import (
     wait_quiet,
     write_trust_file,
 )
-from broker.ca import init_pki
 from broker.client.simcam import parse_payload
 from broker.clock import SystemClock
-from broker.e2e import HandshakeError
+from broker.pki.ca import init_pki
+from broker.protocol.e2e import HandshakeError
 
 CHEAP_ARGON2 = {"argon2_time_cost": 1, "argon2_memory_kib": 8192, "argon2_parallelism": 1}
 

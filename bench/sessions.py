@@ -59,20 +59,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from broker._proto.broker.v1 import app_pb2, app_pb2_grpc
-from broker.audit import verify_chain
-from broker.ca import init_pki, load_authority, new_key
+from broker.audit.chain import verify_chain
 from broker.client.app import AppClient
 from broker.client.device import Endpoints, make_csr
 from broker.clock import SystemClock, unix
 from broker.config import Config
-from broker.devices import DeviceAuthority
-from broker.identity import Kind, device, operator
-from broker.ownership import require_grant
-from broker.service.peer import Caller, PeerParser
-from broker.service.server import BrokerServer
-from broker.sessions import Sessions
-from broker.store.sqlite import SqliteStore
-from broker.tokens import (
+from broker.devices.enrollment import DeviceAuthority
+from broker.devices.ownership import require_grant
+from broker.identity.spiffe import Kind, device, operator
+from broker.pki.ca import init_pki, load_authority, new_key
+from broker.protocol.tokens import (
     SCOPE_VIEW,
     SessionClaims,
     TokenVerifier,
@@ -80,6 +76,10 @@ from broker.tokens import (
     key_hash,
     load_keyring,
 )
+from broker.service.peer import Caller, PeerParser
+from broker.service.server import BrokerServer
+from broker.sessions.sessions import Sessions
+from broker.store.sqlite import SqliteStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` importable as a script
 from bench._common import (
@@ -544,7 +544,7 @@ def micro_costs(config: Config, apps: list[App], devices: list[str], count: int,
 
     all_claims = [claims(i) for i in range(count)]
     rows.append(("TokenKeyring.sign (ES256 JWT, PyJWT)", median(
-        timed_each(lambda i: keyring.sign(all_claims[i]), count)), "broker.tokens"))
+        timed_each(lambda i: keyring.sign(all_claims[i]), count)), "broker.protocol.tokens"))
     raw_key = keyring._keys[keyring.active_kid]
     assert isinstance(raw_key, ec.EllipticCurvePrivateKey)
     message = b"x" * 400

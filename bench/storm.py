@@ -80,12 +80,12 @@ from bench._common import (
     wait_quiet,
     write_trust_file,
 )
-from broker.audit import verify_chain
-from broker.ca import init_pki
+from broker.audit.chain import verify_chain
 from broker.client.simcam import parse_payload
 from broker.clock import SystemClock
 from broker.config import Config
-from broker.e2e import HandshakeError
+from broker.pki.ca import init_pki
+from broker.protocol.e2e import HandshakeError
 from broker.store.sqlite import SqliteStore
 
 CHEAP_ARGON2 = {"argon2_time_cost": 1, "argon2_memory_kib": 8192, "argon2_parallelism": 1}

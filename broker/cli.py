@@ -12,12 +12,12 @@ from pathlib import Path
 
 import grpc
 
-from broker.ca import PkiFiles, init_pki
 from broker.client.admin import AdminClient, OperatorCredentials
 from broker.clock import SystemClock
 from broker.config import Config, from_environment
 from broker.errors import BrokerError
-from broker.rotation import RotationReport
+from broker.pki.ca import PkiFiles, init_pki
+from broker.pki.rotation import RotationReport
 
 log = logging.getLogger("broker")
 
@@ -66,8 +66,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _register_offline(config: Config, actor: str) -> None:
     """Tell the store about operator/broker certificates made offline (else they are refused)."""
-    from broker.ca import load_authority
-    from broker.devices import DeviceAuthority
+    from broker.devices.enrollment import DeviceAuthority
+    from broker.pki.ca import load_authority
     from broker.store.sqlite import SqliteStore
 
     store = SqliteStore(config.database)
@@ -139,7 +139,7 @@ def cmd_revoke_device(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from broker.audit import verify_chain
+    from broker.audit.chain import verify_chain
     from broker.store.sqlite import SqliteStore
 
     config = _config(args)
@@ -162,7 +162,7 @@ def _audit_local(config: Config, action: str, detail: dict[str, object]) -> None
     """Offline rotations are audited in the same hash chain as everything else (I12)."""
     import getpass
 
-    from broker.audit import AuditEvent
+    from broker.audit.chain import AuditEvent
     from broker.store.sqlite import SqliteStore
 
     store = SqliteStore(config.database)
@@ -211,34 +211,34 @@ def _rotation(args: argparse.Namespace, run: Callable[[Config], RotationReport])
 
 
 def cmd_rotate_server_cert(args: argparse.Namespace) -> int:
-    from broker.rotation import rotate_server_cert
+    from broker.pki.rotation import rotate_server_cert
 
     return _rotation(args, lambda c: rotate_server_cert(c, SystemClock()))
 
 
 def cmd_rotate_intermediate(args: argparse.Namespace) -> int:
-    from broker.rotation import rotate_intermediate
+    from broker.pki.rotation import rotate_intermediate
 
     return _rotation(args, lambda c: rotate_intermediate(c, SystemClock()))
 
 
 def cmd_rotate_root(args: argparse.Namespace) -> int:
-    from broker.rotation import rotate_root
+    from broker.pki.rotation import rotate_root
 
     return _rotation(args, lambda c: rotate_root(c, SystemClock()))
 
 
 def cmd_rotate_token_key(args: argparse.Namespace) -> int:
-    from broker.rotation import rotate_token_key
+    from broker.pki.rotation import rotate_token_key
 
     return _rotation(args, lambda c: rotate_token_key(c, SystemClock()))
 
 
 def cmd_retire_root(args: argparse.Namespace) -> int:
-    from broker.rotation import retire_root
+    from broker.pki.rotation import retire_root
+    from broker.pki.trust import load_trust_bundle
+    from broker.protocol.tokens import load_keyring
     from broker.store.sqlite import SqliteStore
-    from broker.tokens import load_keyring
-    from broker.trust import load_trust_bundle
 
     def run(config: Config) -> RotationReport:
         version = load_trust_bundle(config, load_keyring(config.certs_dir).jwks_json()).version
@@ -252,8 +252,8 @@ def cmd_retire_root(args: argparse.Namespace) -> int:
 
 
 def cmd_crl(args: argparse.Namespace) -> int:
-    from broker.crl import build_crls, crls_pem
-    from broker.pemfile import write_atomic
+    from broker.pki.crl import build_crls, crls_pem
+    from broker.pki.pemfile import write_atomic
     from broker.store.sqlite import SqliteStore
 
     config = _config(args)
@@ -299,7 +299,7 @@ def cmd_revoke_app(args: argparse.Namespace) -> int:
 
 
 def cmd_factory_batch(args: argparse.Namespace) -> int:
-    from broker.factory import make_batch
+    from broker.dev.factory import make_batch
 
     config = _config(args)
     batch = make_batch(PkiFiles(config.certs_dir), args.count, SystemClock(), args.prefix)

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from broker.identity import validate_trust_domain
+from broker.identity.spiffe import validate_trust_domain
 
 DAY = 86_400
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 
-from broker.audit import AuditEvent
-from broker.ca import IssuedCertificate, IssuingAuthority
+from broker.audit.chain import AuditEvent
 from broker.clock import Clock, unix
 from broker.config import Config
-from broker.csr import PublicKey, spki_sha256
-from broker.identity import Identity
+from broker.identity.spiffe import Identity
+from broker.pki.ca import IssuedCertificate, IssuingAuthority
+from broker.pki.csr import PublicKey, spki_sha256
 from broker.store import CertificateRecord, CertStatus, Store, Transaction
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from broker.ca import PkiFiles, init_pki
 from broker.clock import FakeClock
 from broker.config import Config
+from broker.pki.ca import PkiFiles, init_pki
 from broker.service.server import BrokerServer
 from broker.store.sqlite import SqliteStore
 from tests.helpers import Pki

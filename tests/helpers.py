@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker._proto.broker.v1 import admin_pb2, admin_pb2_grpc, bootstrap_pb2, bootstrap_pb2_grpc
-from broker.ca import PkiFiles
+from broker.pki.ca import PkiFiles
 
 
 @dataclass(frozen=True)
@@ -216,8 +216,8 @@ def birth_credentials(
     broker: object, device_id: str, key: object | None = None
 ) -> tuple[bytes, bytes]:
     """(key PEM, certificate PEM) of a factory birth certificate naming device_id."""
-    from broker.ca import make_birth_certificate
-    from broker.pemfile import read_certificates, read_private_key
+    from broker.pki.ca import make_birth_certificate
+    from broker.pki.pemfile import read_certificates, read_private_key
 
     files = broker.pki.files  # type: ignore[attr-defined]
     key = key or p256()
@@ -268,7 +268,7 @@ def db_rows(broker: object, sql: str, *args: object) -> list[tuple[object, ...]]
 
 def token_used_at(broker: object, token: str) -> object:
     """used_at of an enrollment token (looked up by its hash, the only form stored)."""
-    from broker.onetime import secret_hash
+    from broker.devices.onetime import secret_hash
 
     rows = db_rows(
         broker, "SELECT used_at FROM enrollment_tokens WHERE token_hash = ?", secret_hash(token)
@@ -331,13 +331,13 @@ class AppCreds:
     @property
     def thumbprint(self) -> str:
         """RFC 8705 x5t#S256 of the leaf, as the broker puts it in a token's cnf."""
-        from broker.tokens import cert_thumbprint
+        from broker.protocol.tokens import cert_thumbprint
 
         return cert_thumbprint(self.leaf.public_bytes(serialization.Encoding.DER))
 
     @property
     def identity(self) -> object:
-        from broker.identity import Identity, Kind
+        from broker.identity.spiffe import Identity, Kind
 
         return Identity(Kind.APP, TRUST_DOMAIN, self.user_id, self.app_id)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 
 from broker._proto.broker.v1 import admin_pb2, admin_pb2_grpc
-from broker.ca import PkiFiles
+from broker.pki.ca import PkiFiles
 
 
 @dataclass(frozen=True, slots=True)

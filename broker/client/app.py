@@ -28,7 +28,8 @@ from broker.client.bundle import load_bundle
 from broker.client.device import ReenrollmentRequired, jittered_renewal, make_csr
 from broker.client.identity_dir import IdentityDir
 from broker.clock import Clock, SystemClock
-from broker.e2e import (
+from broker.identity.spiffe import device
+from broker.protocol.e2e import (
     FrameRejected,
     HandshakeError,
     Opener,
@@ -36,8 +37,7 @@ from broker.e2e import (
     app_side,
     verify_device_chain,
 )
-from broker.identity import device
-from broker.tokens import cert_thumbprint
+from broker.protocol.tokens import cert_thumbprint
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,10 +32,10 @@ from broker.client.bundle import load_bundle
 from broker.client.channels import mtls_channel, tls_channel
 from broker.client.identity_dir import IdentityDir
 from broker.clock import Clock, SystemClock
-from broker.e2e import Sealer, device_side
 from broker.errors import PermissionDenied
-from broker.pemfile import read_private_key
-from broker.tokens import SessionClaims, TokenVerifier, key_hash
+from broker.pki.pemfile import read_private_key
+from broker.protocol.e2e import Sealer, device_side
+from broker.protocol.tokens import SessionClaims, TokenVerifier, key_hash
 
 
 @dataclass(frozen=True, slots=True)

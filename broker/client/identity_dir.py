@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from broker._proto.broker.v1 import common_pb2
 from broker.client.bundle import save_bundle
 from broker.client.channels import mtls_channel, tls_channel
-from broker.pemfile import replace_private_key, write_atomic
+from broker.pki.pemfile import replace_private_key, write_atomic
 
 
 class IdentityDir:

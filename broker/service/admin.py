@@ -7,9 +7,9 @@ from collections.abc import Callable
 import grpc
 
 from broker._proto.broker.v1 import admin_pb2, admin_pb2_grpc
-from broker.ca import PkiFiles
 from broker.errors import Unauthenticated
-from broker.rotation import cross_cert_path
+from broker.pki.ca import PkiFiles
+from broker.pki.rotation import cross_cert_path
 from broker.service.interceptor import current_caller
 from broker.service.runtime import Runtime
 

@@ -9,13 +9,13 @@ import grpc
 from broker._proto.broker.v1 import app_pb2, app_pb2_grpc
 from broker.clock import unix
 from broker.errors import Unavailable
-from broker.identity import device
-from broker.relay import LiveSession, Rejected
+from broker.identity.spiffe import device
+from broker.protocol.tokens import cert_thumbprint
 from broker.service.convert import trust_bundle_pb
 from broker.service.interceptor import current_caller
 from broker.service.runtime import Runtime
+from broker.sessions.relay import LiveSession, Rejected
 from broker.store import Role
-from broker.tokens import cert_thumbprint
 
 HANDSHAKE_TIMEOUT = 10.0
 ROLE_PB = {Role.OWNER: app_pb2.ROLE_OWNER, Role.VIEWER: app_pb2.ROLE_VIEWER}

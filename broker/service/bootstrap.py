@@ -5,12 +5,12 @@ from __future__ import annotations
 import grpc
 
 from broker._proto.broker.v1 import bootstrap_pb2, bootstrap_pb2_grpc
-from broker.accounts import check_label
+from broker.accounts.users import check_label
 from broker.clock import unix
-from broker.csr import public_key_from_csr
-from broker.devices import Enrollment
+from broker.devices.enrollment import Enrollment
 from broker.errors import InvalidArgument
-from broker.identity import Kind
+from broker.identity.spiffe import Kind
+from broker.pki.csr import public_key_from_csr
 from broker.service.convert import trust_bundle_pb
 from broker.service.interceptor import current_caller
 from broker.service.peer import peer_address

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from broker._proto.broker.v1 import common_pb2
-from broker.trust import TrustBundle
+from broker.pki.trust import TrustBundle
 
 
 def trust_bundle_pb(bundle: TrustBundle) -> common_pb2.TrustBundle:

@@ -10,11 +10,11 @@ import grpc
 from broker._proto.broker.v1 import device_pb2, device_pb2_grpc
 from broker.clock import unix
 from broker.errors import BrokerError, InvalidArgument
-from broker.presence import CLOSED, AttachHandle
-from broker.relay import Accepted, StartStreamCommand, StopStreamCommand
 from broker.service.convert import trust_bundle_pb
 from broker.service.interceptor import abort_with, current_caller
 from broker.service.runtime import Runtime
+from broker.sessions.presence import CLOSED, AttachHandle
+from broker.sessions.relay import Accepted, StartStreamCommand, StopStreamCommand
 
 MAX_FRAME_BYTES = 60 * 1024
 

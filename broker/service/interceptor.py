@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 
 from broker.errors import BrokerError, PermissionDenied, Unauthenticated
-from broker.identity import Kind
+from broker.identity.spiffe import Kind
 from broker.service.peer import ANONYMOUS_CALLER, Caller, peer_pem
 from broker.service.status import status_for, trailing_details
 

@@ -9,9 +9,9 @@ import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from broker.ca import fingerprint, serial_hex
 from broker.errors import BrokerError, Unauthenticated
-from broker.identity import ANONYMOUS, Identity, Kind, birth_device_id, from_certificate
+from broker.identity.spiffe import ANONYMOUS, Identity, Kind, birth_device_id, from_certificate
+from broker.pki.ca import fingerprint, serial_hex
 
 PEM_KEY = "x509_pem_cert"
 CACHE_SIZE = 20_000

@@ -9,15 +9,15 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
-from broker.accounts import Accounts
+from broker.accounts.users import Accounts
 from broker.clock import Clock
 from broker.config import Config
-from broker.devices import DeviceAuthority
-from broker.ownership import Ownership
-from broker.presence import Presence
-from broker.relay import Relay
-from broker.sessions import Sessions
-from broker.trust import TrustBundle
+from broker.devices.enrollment import DeviceAuthority
+from broker.devices.ownership import Ownership
+from broker.pki.trust import TrustBundle
+from broker.sessions.presence import Presence
+from broker.sessions.relay import Relay
+from broker.sessions.sessions import Sessions
 
 CRL_CACHE_SECONDS = 60.0
 P = ParamSpec("P")

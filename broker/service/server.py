@@ -31,20 +31,20 @@ from broker._proto.broker.v1 import (
     device_pb2,
     device_pb2_grpc,
 )
-from broker.accounts import Accounts
-from broker.audit import AuditEvent
-from broker.ca import PkiFiles, load_authority
+from broker.accounts.passwords import PasswordHasher
+from broker.accounts.users import Accounts
+from broker.audit.chain import AuditEvent
 from broker.clock import Clock, SystemClock
 from broker.config import Config
-from broker.devices import DeviceAuthority
+from broker.devices.enrollment import DeviceAuthority
+from broker.devices.ownership import Ownership
 from broker.errors import ConfigurationError
-from broker.identity import Kind
-from broker.ownership import Ownership
-from broker.passwords import PasswordHasher
-from broker.pemfile import read_certificates
-from broker.presence import Presence
-from broker.relay import RESTART_REASON, Relay
-from broker.rotation import trusted_issuing
+from broker.identity.spiffe import Kind
+from broker.pki.ca import PkiFiles, load_authority
+from broker.pki.pemfile import read_certificates
+from broker.pki.rotation import trusted_issuing
+from broker.pki.trust import load_trust_bundle
+from broker.protocol.tokens import load_keyring
 from broker.service.admin import AdminService
 from broker.service.app import AppService
 from broker.service.bootstrap import BootstrapService
@@ -57,11 +57,11 @@ from broker.service.interceptor import (
 from broker.service.peer import Caller, PeerParser
 from broker.service.runtime import Runtime
 from broker.service.tls import ReloadingCredentials
-from broker.sessions import Sessions
+from broker.sessions.presence import Presence
+from broker.sessions.relay import RESTART_REASON, Relay
+from broker.sessions.sessions import Sessions
 from broker.store.groupcommit import GroupCommitExecutor
 from broker.store.sqlite import SqliteStore
-from broker.tokens import load_keyring
-from broker.trust import load_trust_bundle
 
 log = logging.getLogger("broker.server")
 
@@ -297,7 +297,7 @@ class BrokerServer:
         return [bootstrap_server, factory_server, main_server]
 
     def _crl_pem(self) -> str:
-        from broker.crl import build_crls, crls_pem
+        from broker.pki.crl import build_crls, crls_pem
 
         return crls_pem(build_crls(self.files, self.store, self.clock))
 
@@ -305,7 +305,7 @@ class BrokerServer:
         """Re-read certs/ after a rotation: issuing CA, trusted issuers, token keys, trust bundle.
         A changed bundle is pushed down every Attach stream. Returns (changed, cameras notified)."""
         from broker._proto.broker.v1 import device_pb2
-        from broker.pemfile import read_private_key
+        from broker.pki.pemfile import read_private_key
         from broker.service.convert import trust_bundle_pb
 
         self._authority.replace(

@@ -12,7 +12,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
-from broker.audit import AuditEntry, AuditEvent
+from broker.audit.chain import AuditEntry, AuditEvent
 
 
 class DeviceState(enum.Enum):

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from broker.audit import GENESIS, AuditEntry, AuditEvent, canonical_detail, entry_hash
+from broker.audit.chain import GENESIS, AuditEntry, AuditEvent, canonical_detail, entry_hash
 from broker.store.base import (
     AppRecord,
     CertificateRecord,

@@ -13,8 +13,8 @@ import grpc
 import pytest
 
 from broker._proto.broker.v1 import app_pb2, bootstrap_pb2
-from broker.accounts import LOGIN_FAILED
-from broker.identity import from_certificate
+from broker.accounts.users import LOGIN_FAILED
+from broker.identity.spiffe import from_certificate
 from tests.conftest import start_broker, stop_broker
 from tests.helpers import (
     PASSWORD,

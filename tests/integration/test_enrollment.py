@@ -19,7 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from broker._proto.broker.v1 import admin_pb2, admin_pb2_grpc, bootstrap_pb2, bootstrap_pb2_grpc
 from broker.client.device import DeviceClient, Endpoints
-from broker.pemfile import read_certificates
+from broker.pki.pemfile import read_certificates
 from broker.store import CertStatus, DeviceState
 from tests.helpers import (
     audit_entries,
@@ -363,7 +363,7 @@ def test_key_bound_to_another_device_is_refused_and_token_not_consumed(broker, o
 
 def test_key_bound_to_the_operator_is_refused(broker, operator_channel):
     """The offline-issued operator key is bound too: a device cannot get a cert for it."""
-    from broker.pemfile import read_private_key
+    from broker.pki.pemfile import read_private_key
 
     operator_key = read_private_key(broker.pki.files.operator_key)
     token = create_token(operator_channel, DEVICE)
@@ -495,7 +495,7 @@ def test_device_certificate_on_factory_listener_is_refused_at_tls(broker, operat
 
 
 def test_birth_certificate_from_a_foreign_factory_is_refused_at_tls(broker):
-    from broker.ca import make_birth_certificate
+    from broker.pki.ca import make_birth_certificate
     from tests.helpers import key_pem, pem
 
     fake_key, fake_factory = self_signed_ca("Counterfeit Factory CA")

@@ -26,12 +26,12 @@ import grpc
 import pytest
 from cryptography import x509
 
-from broker.audit import verify_chain
-from broker.ca import PkiFiles
+from broker.audit.chain import verify_chain
 from broker.client.app import AppClient
 from broker.client.device import DeviceClient, Endpoints, TlsHandshakeFailed
 from broker.client.simcam import SimulatedCamera
-from broker.pemfile import read_certificates
+from broker.pki.ca import PkiFiles
+from broker.pki.pemfile import read_certificates
 from broker.store import CertStatus
 from broker.store.sqlite import SqliteStore
 from tests.helpers import PASSWORD, served_certificate

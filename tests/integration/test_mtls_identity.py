@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from broker._proto.broker.v1 import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc
-from broker.pemfile import read_certificates, read_private_key
+from broker.pki.pemfile import read_certificates, read_private_key
 from broker.store import CertStatus
 from tests.helpers import (
     attach_once,

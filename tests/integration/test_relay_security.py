@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 
 from broker._proto.broker.v1 import device_pb2
 from broker.client.simcam import parse_payload
-from broker.e2e import HandshakeError, raw_public
-from broker.relay import Accepted, FrameVerdict
+from broker.protocol.e2e import HandshakeError, raw_public
+from broker.sessions.relay import Accepted, FrameVerdict
 from tests.helpers import (
     audit_entries,
     eventually,

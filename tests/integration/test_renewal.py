@@ -24,7 +24,6 @@ import pytest
 from cryptography import x509
 
 from broker._proto.broker.v1 import admin_pb2, app_pb2
-from broker.ca import load_authority
 from broker.client.app import AppClient
 from broker.client.device import (
     DeviceClient,
@@ -33,10 +32,11 @@ from broker.client.device import (
     jittered_renewal,
 )
 from broker.clock import FakeClock, unix
-from broker.crl import build_crls, crls_pem
-from broker.devices import DeviceAuthority
-from broker.identity import device
-from broker.pemfile import read_certificates
+from broker.devices.enrollment import DeviceAuthority
+from broker.identity.spiffe import device
+from broker.pki.ca import load_authority
+from broker.pki.crl import build_crls, crls_pem
+from broker.pki.pemfile import read_certificates
 from broker.store import CertStatus
 from tests.helpers import (
     PASSWORD,

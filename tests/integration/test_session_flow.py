@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from broker.client.app import AppClient
 from broker.client.device import DeviceClient, Endpoints
-from broker.tokens import cert_thumbprint, key_hash
+from broker.protocol.tokens import cert_thumbprint, key_hash
 from tests.helpers import create_token
 
 

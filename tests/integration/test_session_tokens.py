@@ -29,9 +29,9 @@ from google.protobuf import message_factory
 from broker._proto.broker.v1 import app_pb2, app_pb2_grpc, bootstrap_pb2
 from broker.client.device import DeviceClient, Endpoints
 from broker.errors import PermissionDenied
-from broker.identity import Identity, Kind
-from broker.pemfile import read_private_key
-from broker.tokens import ALGORITHM, SessionClaims, TokenKeyring, TokenVerifier, b64url
+from broker.identity.spiffe import Identity, Kind
+from broker.pki.pemfile import read_private_key
+from broker.protocol.tokens import ALGORITHM, SessionClaims, TokenKeyring, TokenVerifier, b64url
 from tests.helpers import (
     PASSWORD,
     AppCreds,

@@ -1,6 +1,6 @@
 """Fixtures for the unit suite: a dev PKI in a temp home, a fake clock, a SQLite store.
 
-No servers here: unit tests call the core (``broker.ca``, ``broker.devices``, ``broker.store``)
+No servers here: unit tests call the core (``broker.pki.ca``, ``broker.devices.enrollment``, ``broker.store``)
 directly. Fixture names are prefixed so they never shadow the integration fixtures in
 ``tests/conftest.py``.
 """
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.ca import InitReport, IssuingAuthority, PkiFiles, init_pki, load_authority
 from broker.clock import FakeClock
 from broker.config import Config
+from broker.pki.ca import InitReport, IssuingAuthority, PkiFiles, init_pki, load_authority
 from broker.store.sqlite import SqliteStore
 
 

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from broker.audit import GENESIS, AuditEntry, AuditEvent, canonical_detail, entry_hash, verify_chain
+from broker.audit.chain import (
+    GENESIS,
+    AuditEntry,
+    AuditEvent,
+    canonical_detail,
+    entry_hash,
+    verify_chain,
+)
 from broker.store.sqlite import SqliteStore
 
 EVENTS = [

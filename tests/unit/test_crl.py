@@ -22,15 +22,15 @@ from pkilint.pkix import extension, name
 from pkilint.validation import ValidationFindingSeverity as Severity
 
 from broker._proto.broker.v1 import admin_pb2, bootstrap_pb2
-from broker.accounts import Accounts
-from broker.ca import PkiFiles, load_authority
-from broker.crl import NEXT_UPDATE, build_crls, crls_pem
-from broker.devices import DeviceAuthority
+from broker.accounts.passwords import PasswordHasher
+from broker.accounts.users import Accounts
+from broker.devices.enrollment import DeviceAuthority
 from broker.errors import FailedPrecondition
-from broker.identity import Identity, operator
-from broker.passwords import PasswordHasher
-from broker.pemfile import read_certificates
-from broker.rotation import retire_root, rotate_intermediate, rotate_root
+from broker.identity.spiffe import Identity, operator
+from broker.pki.ca import PkiFiles, load_authority
+from broker.pki.crl import NEXT_UPDATE, build_crls, crls_pem
+from broker.pki.pemfile import read_certificates
+from broker.pki.rotation import retire_root, rotate_intermediate, rotate_root
 from broker.store.sqlite import SqliteStore
 from tests.helpers import (
     OperatorSnapshot,
@@ -76,7 +76,7 @@ class Core:
         return self.devices.enroll_with_token(csr_for(p256()), token).issued.serial
 
     def renew(self, device_id: str) -> str:
-        from broker.identity import device
+        from broker.identity.spiffe import device
 
         return self.devices.renew(device(TD, device_id), csr_for(p256())).serial
 
@@ -302,7 +302,7 @@ def test_the_crl_linter_does_find_errors(core):
     """The assembled linter is not vacuous: a CRL without a CRL number or AKI is an ERROR."""
     from cryptography.hazmat.primitives import hashes
 
-    from broker.pemfile import read_private_key
+    from broker.pki.pemfile import read_private_key
 
     ca = issuing(core.pki.files)
     now = core.pki.clock.now().replace(microsecond=0)

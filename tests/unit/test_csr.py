@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from broker.csr import MAX_CSR_PEM_BYTES, public_key_from_csr, spki_sha256
 from broker.errors import InvalidArgument
+from broker.pki.csr import MAX_CSR_PEM_BYTES, public_key_from_csr, spki_sha256
 from tests.helpers import csr_for
 
 PEM_RE = re.compile(r"-----BEGIN CERTIFICATE REQUEST-----\n(.*?)-----END", re.S)

@@ -13,17 +13,17 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from broker.ca import IssuedCertificate, init_pki, load_authority
 from broker.clock import FakeClock
-from broker.devices import DeviceAuthority, Enrollment
+from broker.devices.enrollment import DeviceAuthority, Enrollment
+from broker.devices.onetime import secret_hash
 from broker.errors import (
     FailedPrecondition,
     InvalidArgument,
     PermissionDenied,
     Unauthenticated,
 )
-from broker.identity import Identity, device, operator
-from broker.onetime import secret_hash
+from broker.identity.spiffe import Identity, device, operator
+from broker.pki.ca import IssuedCertificate, init_pki, load_authority
 from broker.store import CertStatus, DeviceState
 from broker.store.sqlite import SqliteStore
 from tests.helpers import csr_for, p256

@@ -1,4 +1,4 @@
-"""broker.e2e without any transport (I6): the signed handshake, the device chain check, and frame
+"""broker.protocol.e2e without any transport (I6): the signed handshake, the device chain check, and frame
 sealing with replay/reorder refusal."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.e2e import (
+from broker.protocol.e2e import (
     APP_TO_DEVICE,
     DEVICE_TO_APP,
     FrameRejected,

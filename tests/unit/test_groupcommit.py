@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.audit import AuditEvent, verify_chain
+from broker.audit.chain import AuditEvent, verify_chain
 from broker.store import EnrollmentTokenRecord
 from broker.store.groupcommit import GroupCommitExecutor
 from broker.store.sqlite import SqliteStore

@@ -14,7 +14,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from broker.errors import InvalidArgument, Unauthenticated
-from broker.identity import (
+from broker.identity.spiffe import (
     Identity,
     Kind,
     birth_device_id,

@@ -34,9 +34,9 @@ from pkilint import loader, validation
 from pkilint.pkix import certificate, extension, general_name, name
 from pkilint.validation import ValidationFindingSeverity as Severity
 
-from broker.ca import make_birth_certificate
-from broker.identity import Identity, Kind, device
-from broker.pemfile import read_certificates, read_private_key
+from broker.identity.spiffe import Identity, Kind, device
+from broker.pki.ca import make_birth_certificate
+from broker.pki.pemfile import read_certificates, read_private_key
 from tests.unit.conftest import DevPki, make_dev_pki
 
 SPIFFE_URI_FINDING = "pkix.invalid_uri_syntax"

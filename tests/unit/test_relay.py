@@ -1,4 +1,4 @@
-"""broker.relay on its own event loop, with a real Presence whose Attach handles stand in for the
+"""broker.sessions.relay on its own event loop, with a real Presence whose Attach handles stand in for the
 cameras (their outboxes are what the broker would write down each Attach stream)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 
 from broker.clock import FakeClock, unix
 from broker.errors import FailedPrecondition
-from broker.presence import AttachHandle, Presence
-from broker.relay import (
+from broker.sessions.presence import AttachHandle, Presence
+from broker.sessions.relay import (
     Accepted,
     FrameVerdict,
     Rejected,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.audit import AuditEvent, verify_chain
+from broker.audit.chain import AuditEvent, verify_chain
 from broker.store import (
     CertificateRecord,
     CertStatus,

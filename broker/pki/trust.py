@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from broker.ca import PkiFiles
 from broker.config import Config
 from broker.errors import ConfigurationError
+from broker.pki.ca import PkiFiles
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +31,7 @@ def load_trust_bundle(config: Config, jwks_json: str = "") -> TrustBundle:
     files = PkiFiles(config.certs_dir)
     if not files.ca_bundle.exists() or not files.issuing_cert.exists():
         raise ConfigurationError(f"no PKI in {files.root}: run `broker ca init` (make certs)")
-    from broker.rotation import issuing_bundle_pem
+    from broker.pki.rotation import issuing_bundle_pem
 
     ca_pem = files.ca_bundle.read_text()
     issuing_pem = issuing_bundle_pem(files)

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from broker.errors import BrokerError, Unauthenticated
-from broker.identity import single_uri_san
+from broker.identity.spiffe import single_uri_san
 
 PROTOCOL = b"camera-broker e2e v1"
 DEVICE_TO_APP = 1

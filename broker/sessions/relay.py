@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from broker.clock import Clock, unix
 from broker.errors import FailedPrecondition
-from broker.presence import Presence
+from broker.sessions.presence import Presence
 
 DEFAULT_QUEUE_FRAMES = 64
 RESTART_REASON = "broker restarted"  # the reason the store gives sessions a restart ended

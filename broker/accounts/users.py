@@ -12,12 +12,12 @@ import secrets
 import unicodedata
 from dataclasses import dataclass
 
-from broker.audit import AuditEvent
-from broker.ca import IssuedCertificate, IssuingAuthority
+from broker.accounts.passwords import PasswordHasher, check_password_policy
+from broker.accounts.ratelimit import FailureLimiter
+from broker.audit.chain import AuditEvent
 from broker.clock import Clock
 from broker.config import Config
 from broker.corebase import CoreService
-from broker.csr import PublicKey, public_key_from_csr
 from broker.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -26,10 +26,10 @@ from broker.errors import (
     PermissionDenied,
     Unauthenticated,
 )
-from broker.identity import Identity, Kind
-from broker.passwords import PasswordHasher, check_password_policy
-from broker.ratelimit import FailureLimiter
-from broker.session_log import end_sessions_audited
+from broker.identity.spiffe import Identity, Kind
+from broker.pki.ca import IssuedCertificate, IssuingAuthority
+from broker.pki.csr import PublicKey, public_key_from_csr
+from broker.sessions.records import end_sessions_audited
 from broker.store import (
     AppRecord,
     DeviceState,
@@ -183,7 +183,7 @@ class Accounts(CoreService):
 
     def revoke_app_by_id(self, actor: Identity, app_id: str, reason: str) -> tuple[str, list[str]]:
         """Operator revocation of an app instance by id; returns (user_id, ended session ids)."""
-        from broker.identity import ID_PATTERN
+        from broker.identity.spiffe import ID_PATTERN
 
         if not ID_PATTERN.fullmatch(app_id):
             raise InvalidArgument("app_id must be 3-64 characters of a-z, 0-9 and '-'")

@@ -1,6 +1,6 @@
 """The certificate authority: dev PKI creation, fixed leaf profiles, issuance.
 
-No transport here. Issuance takes a public key (already checked by ``broker.csr``) and an identity
+No transport here. Issuance takes a public key (already checked by ``broker.pki.csr``) and an identity
 decided by the caller from server-side records; nothing else from the requester reaches a
 certificate (I2).
 """
@@ -22,10 +22,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker.clock import Clock
 from broker.config import Config
-from broker.csr import PublicKey
 from broker.errors import ConfigurationError
-from broker.identity import Identity, Kind
-from broker.pemfile import cert_pem, read_certificates, read_private_key, write_private_key
+from broker.identity.spiffe import Identity, Kind
+from broker.pki.csr import PublicKey
+from broker.pki.pemfile import cert_pem, read_certificates, read_private_key, write_private_key
 
 BACKDATE = dt.timedelta(minutes=5)  # tolerate small clock skew on devices
 ROOT_LIFETIME = dt.timedelta(days=3650)
@@ -404,8 +404,8 @@ def load_authority(config: Config, clock: Clock) -> IssuingAuthority:
 
 def init_pki(config: Config, clock: Clock, operator_name: str = "admin") -> InitReport:
     """Create whatever part of the dev PKI is missing. Never replaces an existing key."""
-    from broker.identity import broker as broker_identity
-    from broker.identity import operator as operator_identity
+    from broker.identity.spiffe import broker as broker_identity
+    from broker.identity.spiffe import operator as operator_identity
 
     files = PkiFiles(config.certs_dir)
     files.root.mkdir(parents=True, exist_ok=True)
@@ -450,7 +450,7 @@ def init_pki(config: Config, clock: Clock, operator_name: str = "admin") -> Init
             dt.timedelta(days=config.operator_cert_days),
         )
         _write_text(files.operator_chain, operator.chain_pem, created)
-    from broker.tokens import TokenKeyring
+    from broker.protocol.tokens import TokenKeyring
 
     if TokenKeyring.ensure(files.token_keys):
         created.append(files.token_keys / "keys.json")
@@ -471,7 +471,7 @@ def _write_cert(path: Path, cert: x509.Certificate, created: list[Path]) -> None
 
 
 def _write_text(path: Path, text: str, created: list[Path]) -> None:
-    from broker.pemfile import write_atomic
+    from broker.pki.pemfile import write_atomic
 
     write_atomic(path, text.encode("ascii"))
     created.append(path)

@@ -19,7 +19,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from broker.ca import (
+from broker.clock import Clock, unix
+from broker.config import Config
+from broker.errors import ConfigurationError, FailedPrecondition
+from broker.identity.spiffe import broker as broker_identity
+from broker.pki.ca import (
     IssuedCertificate,
     PkiFiles,
     _ca_key_usage,
@@ -32,11 +36,7 @@ from broker.ca import (
     serial_hex,
     subject_key_id,
 )
-from broker.clock import Clock, unix
-from broker.config import Config
-from broker.errors import ConfigurationError, FailedPrecondition
-from broker.identity import broker as broker_identity
-from broker.pemfile import (
+from broker.pki.pemfile import (
     PRIVATE_MODE,
     cert_pem,
     read_certificates,
@@ -44,8 +44,8 @@ from broker.pemfile import (
     replace_private_key,
     write_atomic,
 )
+from broker.protocol.tokens import TokenKeyring
 from broker.store import CertStatus, DeviceState, Store
-from broker.tokens import TokenKeyring
 
 SERVER_IPS = ("127.0.0.1", "::1")
 
@@ -176,7 +176,7 @@ def rotate_intermediate(config: Config, clock: Clock) -> RotationReport:
 def reissue_operator_cert(config: Config, clock: Clock) -> str:
     """A new operator certificate (same name, new key) from the current issuing CA, so the CLI
     keeps working once the old root is retired. Returns its serial."""
-    from broker.identity import from_certificate
+    from broker.identity.spiffe import from_certificate
 
     files = PkiFiles(config.certs_dir)
     identity = from_certificate(read_certificates(files.operator_chain)[0], config.trust_domain)

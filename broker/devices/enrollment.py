@@ -13,12 +13,17 @@ from typing import NoReturn
 
 from cryptography import x509
 
-from broker.audit import AuditEvent
-from broker.ca import IssuedCertificate, IssuingAuthority, PkiFiles
+from broker.audit.chain import AuditEvent
 from broker.clock import Clock, unix
 from broker.config import Config
 from broker.corebase import CoreService
-from broker.csr import PublicKey, public_key_from_csr, spki_sha256
+from broker.devices.onetime import (
+    ENROLLMENT_TOKEN_PREFIX,
+    claim_code_hash,
+    new_claim_code,
+    new_enrollment_token,
+    secret_hash,
+)
 from broker.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -26,16 +31,11 @@ from broker.errors import (
     PermissionDenied,
     Unauthenticated,
 )
-from broker.identity import Identity, Kind, device, from_certificate, validate_device_id
-from broker.onetime import (
-    ENROLLMENT_TOKEN_PREFIX,
-    claim_code_hash,
-    new_claim_code,
-    new_enrollment_token,
-    secret_hash,
-)
-from broker.pemfile import read_certificates
-from broker.session_log import end_sessions_audited
+from broker.identity.spiffe import Identity, Kind, device, from_certificate, validate_device_id
+from broker.pki.ca import IssuedCertificate, IssuingAuthority, PkiFiles
+from broker.pki.csr import PublicKey, public_key_from_csr, spki_sha256
+from broker.pki.pemfile import read_certificates
+from broker.sessions.records import end_sessions_audited
 from broker.store import (
     CertificateRecord,
     CertStatus,
@@ -300,7 +300,7 @@ class DeviceAuthority(CoreService):
 
     def issuing_serial(self) -> str:
         """Serial of the issuing CA currently signing."""
-        from broker.ca import serial_hex
+        from broker.pki.ca import serial_hex
 
         return serial_hex(self._ca.certificate.serial_number)
 
@@ -380,7 +380,7 @@ class DeviceAuthority(CoreService):
         self, identity: Identity, cert: x509.Certificate, actor: str
     ) -> bool:
         """Record a certificate issued offline (operator, broker) if the store lacks it."""
-        from broker.ca import authority_key_id, fingerprint, serial_hex
+        from broker.pki.ca import authority_key_id, fingerprint, serial_hex
 
         serial = serial_hex(cert.serial_number)
         key = cert.public_key()

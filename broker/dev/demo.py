@@ -15,13 +15,13 @@ from pathlib import Path
 
 import grpc
 
-from broker.ca import PkiFiles, init_pki
 from broker.client.admin import AdminClient, OperatorCredentials
 from broker.client.app import AppClient
 from broker.client.device import DeviceClient, Endpoints
 from broker.client.simcam import SimulatedCamera, parse_payload
 from broker.clock import SystemClock
 from broker.config import Config
+from broker.pki.ca import PkiFiles, init_pki
 from broker.service.server import BrokerServer
 
 PASSWORD = "demo password, not a real one"  # noqa: S105 (demo accounts in a temp directory)

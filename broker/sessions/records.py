@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from broker.audit import AuditEvent
+from broker.audit.chain import AuditEvent
 from broker.store import Transaction
 
 

@@ -6,10 +6,10 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.ca import PkiFiles, make_birth_certificate, new_key
 from broker.clock import Clock
-from broker.identity import validate_device_id
-from broker.pemfile import (
+from broker.identity.spiffe import validate_device_id
+from broker.pki.ca import PkiFiles, make_birth_certificate, new_key
+from broker.pki.pemfile import (
     cert_pem,
     read_certificates,
     read_private_key,

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from broker.audit import AuditEvent
+from broker.accounts.ratelimit import FailureLimiter
+from broker.audit.chain import AuditEvent
 from broker.clock import Clock
 from broker.config import Config
 from broker.corebase import CoreService
+from broker.devices.onetime import claim_code_hash, new_claim_code
 from broker.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from broker.identity import Identity, Kind, validate_device_id
-from broker.onetime import claim_code_hash, new_claim_code
-from broker.ratelimit import FailureLimiter
-from broker.session_log import end_sessions_audited
+from broker.identity.spiffe import Identity, Kind, validate_device_id
+from broker.sessions.records import end_sessions_audited
 from broker.store import DeviceRecord, DeviceState, GrantRecord, Role, Store, Transaction
 
 CLAIM_REFUSED = "claim code is wrong, already used, or the device is already claimed"
@@ -112,7 +112,7 @@ class Ownership(CoreService):
 
     def share(self, caller: Identity, device_id: str, username: str, expires_at: int) -> str:
         """Grant VIEWER access to username (optionally until expires_at); returns their user_id."""
-        from broker.accounts import normalize_username
+        from broker.accounts.users import normalize_username
 
         validate_device_id(device_id)
         name = normalize_username(username)
@@ -145,7 +145,7 @@ class Ownership(CoreService):
 
     def revoke_share(self, caller: Identity, device_id: str, username: str) -> list[str]:
         """Withdraw a VIEWER grant; returns the ended session ids of that viewer on the device."""
-        from broker.accounts import normalize_username
+        from broker.accounts.users import normalize_username
 
         validate_device_id(device_id)
         name = normalize_username(username)
