@@ -9,10 +9,14 @@ from typing import Any
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from broker._proto.broker.v1 import common_pb2
-from broker.client.bundle import save_bundle
+from broker._proto.broker.v1 import bootstrap_pb2, bootstrap_pb2_grpc, common_pb2
+from broker.client.bundle import load_bundle, save_bundle
 from broker.client.channels import mtls_channel, tls_channel
-from broker.pki.pemfile import replace_private_key, write_atomic
+from broker.pemfile import read_private_key, replace_private_key, write_atomic
+from broker.protocol.keys import ACCEPTED_CURVES
+
+DEFAULT_KEY_TYPE = "P-256"
+KEY_TYPES = tuple(ACCEPTED_CURVES)  # ("P-256", "P-384"): what the broker certifies
 
 
 class IdentityDir:
@@ -20,7 +24,14 @@ class IdentityDir:
 
     FILE_STEM = "identity"
 
-    def __init__(self, state_dir: Path, endpoints: Any, ca_bundle_pem: bytes) -> None:
+    def __init__(
+        self, state_dir: Path, endpoints: Any, ca_bundle_pem: bytes, *, key_type: str | None = None
+    ) -> None:
+        """key_type: "P-256" or "P-384" for keys made from now on; None keeps the type of the key
+        already held (P-256 for a first enrollment)."""
+        if key_type is not None and key_type not in ACCEPTED_CURVES:
+            raise ValueError(f"key_type must be one of {', '.join(KEY_TYPES)}, not {key_type!r}")
+        self.key_type = key_type
         self.dir = state_dir
         self.endpoints = endpoints
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -49,6 +60,18 @@ class IdentityDir:
         """The full trust bundle (JWKS included) as last received from the broker."""
         return self.dir / "trust-bundle.json"
 
+    def new_key(self) -> ec.EllipticCurvePrivateKey:
+        """A fresh ECDSA key for an enrollment or renewal (the only key types the broker certifies:
+        P-256, the default, or P-384). It is generated here and never leaves this directory."""
+        key_type = self.key_type or self._held_key_type() or DEFAULT_KEY_TYPE
+        return ec.generate_private_key(ACCEPTED_CURVES[key_type]())
+
+    def _held_key_type(self) -> str | None:
+        if not self.key_path.exists():
+            return None
+        curve = read_private_key(self.key_path).curve
+        return next((name for name, cls in ACCEPTED_CURVES.items() if isinstance(curve, cls)), None)
+
     def save_trust_bundle(self, bundle: common_pb2.TrustBundle) -> None:
         """Keep a bundle the broker sent (enrollment, renewal, refresh or an Attach update)."""
         if bundle.ca_certificates_pem:
@@ -68,6 +91,24 @@ class IdentityDir:
         write_atomic(self.chain_path, chain_pem.encode("ascii"))
         self.save_trust_bundle(bundle)
         write_atomic(self.state_path, json.dumps(state).encode("utf-8"))
+
+    async def refresh_trust_bundle(self) -> bool:
+        """Fetch the broker's current trust bundle (over TLS verified with the pinned roots) and
+        keep it; returns whether it differs from the one held. Apps have no Attach stream to get
+        rotations pushed, so they refresh when a camera's chain does not verify; a camera whose
+        handshake is refused refreshes to learn whether its root was retired."""
+        async with self._bootstrap() as ch:
+            response = await bootstrap_pb2_grpc.BootstrapStub(ch).GetTrustBundle(
+                bootstrap_pb2.GetTrustBundleRequest(), timeout=30
+            )
+        bundle = response.trust_bundle
+        if not bundle.ca_certificates_pem:
+            return False
+        held = load_bundle(self.trust_path).version if self.trust_path.exists() else ""
+        if bundle.version == held:
+            return False
+        self.save_trust_bundle(bundle)
+        return True
 
     def _bootstrap(self) -> grpc.aio.Channel:
         return tls_channel(

@@ -2,6 +2,13 @@
 
 Only the public key is ever taken from a CSR (I2); this module makes sure it is a key we accept and
 that the requester holds its private half (the CSR's self-signature).
+
+Accepted keys are exactly ECDSA P-256 (secp256r1) and P-384 (secp384r1), for devices and apps, at
+enrollment and renewal. Whatever is certified must also work end to end: the key authenticates the
+party in mutual TLS, and a camera signs the session handshake with it (ECDSA with SHA-256,
+broker.protocol.e2e). Ed25519 cannot complete mutual TLS with grpc's TLS stack and RSA has no
+handshake signature scheme, so both, and every other key type or curve, are refused here rather
+than certified and left to fail later.
 """
 
 from __future__ import annotations
@@ -9,17 +16,17 @@ from __future__ import annotations
 import hashlib
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa, x448, x25519
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from broker.errors import InvalidArgument
+from broker.protocol.keys import ACCEPTED_KEY_TYPES, is_accepted_key
 
 MAX_CSR_PEM_BYTES = 16 * 1024
-MIN_RSA_BITS = 2048
-MAX_RSA_BITS = 8192
-ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1)
 
-PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
+PublicKey = ec.EllipticCurvePublicKey
 
 
 def public_key_from_csr(csr_pem: str) -> PublicKey:
@@ -44,27 +51,35 @@ def public_key_from_csr(csr_pem: str) -> PublicKey:
     return key
 
 
+def unsupported_key_message(key_type: str) -> str:
+    """The refusal for a CSR whose key is not one we certify (names the accepted types)."""
+    return f"unsupported key type {key_type}: the CSR key must be {ACCEPTED_KEY_TYPES}"
+
+
+def key_type_name(key: object) -> str:
+    """How a refusal names a key: RSA-2048, DSA-2048, Ed25519, Ed448, ECDSA secp521r1, ..."""
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return f"ECDSA {key.curve.name}"
+    if isinstance(key, rsa.RSAPublicKey | dsa.DSAPublicKey):
+        algorithm = "RSA" if isinstance(key, rsa.RSAPublicKey) else "DSA"
+        return f"{algorithm}-{key.key_size}"
+    names = {
+        ed25519.Ed25519PublicKey: "Ed25519",
+        ed448.Ed448PublicKey: "Ed448",
+        x25519.X25519PublicKey: "X25519",
+        x448.X448PublicKey: "X448",
+    }
+    return next((name for cls, name in names.items() if isinstance(key, cls)), "(unrecognised)")
+
+
 def _accepted_key(csr: x509.CertificateSigningRequest) -> PublicKey:
     try:
-        key = csr.public_key()
-    except (ValueError, TypeError):
-        raise InvalidArgument("CSR public key type is not supported") from None
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        if not isinstance(key.curve, ACCEPTED_CURVES):
-            raise InvalidArgument(
-                f"CSR key curve {key.curve.name} not accepted: use P-256, P-384, Ed25519 or RSA >= 2048"
-            )
+        key: CertificatePublicKeyTypes = csr.public_key()
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise InvalidArgument(unsupported_key_message("(unrecognised)")) from None
+    if isinstance(key, ec.EllipticCurvePublicKey) and is_accepted_key(key):
         return key
-    if isinstance(key, ed25519.Ed25519PublicKey):
-        return key
-    if isinstance(key, rsa.RSAPublicKey):
-        if not MIN_RSA_BITS <= key.key_size <= MAX_RSA_BITS:
-            raise InvalidArgument(
-                f"CSR RSA key has {key.key_size} bits: use {MIN_RSA_BITS}-{MAX_RSA_BITS} bits, "
-                "or better P-256"
-            )
-        return key
-    raise InvalidArgument("CSR key type not accepted: use P-256, P-384, Ed25519 or RSA >= 2048")
+    raise InvalidArgument(unsupported_key_message(key_type_name(key)))
 
 
 def spki_sha256(key: PublicKey) -> str:

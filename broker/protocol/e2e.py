@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
+from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from broker.errors import BrokerError, Unauthenticated
-from broker.identity.spiffe import single_uri_san
+from broker.protocol.keys import ACCEPTED_KEY_TYPES, is_accepted_key
+from broker.protocol.spiffe_id import single_uri_san
 
 PROTOCOL = b"camera-broker e2e v1"
 DEVICE_TO_APP = 1
@@ -69,25 +70,29 @@ def raw_public(key: x25519.X25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def sign_transcript(
-    device_key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey, data: bytes
-) -> bytes:
-    """The camera's signature over a transcript with its certificate key."""
-    if isinstance(device_key, ed25519.Ed25519PrivateKey):
-        return device_key.sign(data)
+def sign_transcript(device_key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
+    """The camera's signature over a transcript with its certificate key: ECDSA with SHA-256
+    (whether the key is P-256 or P-384), DER-encoded (an ASN.1 SEQUENCE of r and s, not raw r||s)."""
+    if not isinstance(device_key, ec.EllipticCurvePrivateKey) or not is_accepted_key(
+        device_key.public_key()
+    ):
+        raise HandshakeError(
+            f"device key type cannot sign the session handshake: use {ACCEPTED_KEY_TYPES}"
+        )
     return device_key.sign(data, ec.ECDSA(hashes.SHA256()))
 
 
 def verify_transcript_signature(cert: x509.Certificate, data: bytes, signature: bytes) -> None:
-    """Check the camera's signature with the public key of its certificate."""
+    """Check the camera's signature with the public key of its certificate: ECDSA with SHA-256,
+    DER-encoded, by a P-256 or P-384 key; any other key type is refused (the broker never
+    certifies one, see broker.pki.csr)."""
     key = cert.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not is_accepted_key(key):
+        raise HandshakeError(
+            f"device key type cannot sign the session handshake: use {ACCEPTED_KEY_TYPES}"
+        )
     try:
-        if isinstance(key, ed25519.Ed25519PublicKey):
-            key.verify(signature, data)
-        elif isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
-        else:
-            raise HandshakeError("device key type cannot sign the session handshake")
+        key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
         raise HandshakeError("the camera's handshake signature does not verify") from None
 
@@ -229,7 +234,7 @@ class Opener:
 
 
 def device_side(
-    device_key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey,
+    device_key: ec.EllipticCurvePrivateKey,
     session_id: str,
     device_spiffe_id: str,
     user_id: str,
@@ -242,13 +247,23 @@ def device_side(
         session_id, device_spiffe_id, user_id, cnf_thumbprint, app_ephemeral, raw_public(ephemeral)
     )
     signature = sign_transcript(device_key, transcript(binding))
-    shared = ephemeral.exchange(x25519.X25519PublicKey.from_public_bytes(app_ephemeral))
+    shared = _exchange(ephemeral, app_ephemeral)
     keys = derive_keys(shared, binding)
     return (
         binding.device_ephemeral,
         signature,
         Sealer(keys.device_to_app, session_id, DEVICE_TO_APP),
     )
+
+
+def _exchange(own: x25519.X25519PrivateKey, peer: x25519.X25519PublicKey | bytes) -> bytes:
+    """X25519 shared secret; a malformed or low-order peer key is a failed handshake."""
+    try:
+        if isinstance(peer, bytes):
+            peer = x25519.X25519PublicKey.from_public_bytes(peer)
+        return own.exchange(peer)
+    except ValueError:
+        raise HandshakeError("peer ephemeral key is not a valid X25519 public key") from None
 
 
 def app_side(
@@ -265,5 +280,5 @@ def app_side(
         peer = x25519.X25519PublicKey.from_public_bytes(binding.device_ephemeral)
     except ValueError:
         raise HandshakeError("device ephemeral key is not a valid X25519 key") from None
-    keys = derive_keys(app_ephemeral.exchange(peer), binding)
+    keys = derive_keys(_exchange(app_ephemeral, peer), binding)
     return Opener(keys.device_to_app, binding.session_id, DEVICE_TO_APP)

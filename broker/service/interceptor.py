@@ -1,8 +1,9 @@
 """Default-deny authorization: every RPC admits exactly one identity kind (I3), taken from the
 verified peer certificate (I1) and re-checked against the store on every call (I7).
 
-Also the single place where BrokerErrors become gRPC statuses, and where unexpected exceptions
-become INTERNAL (fail closed, I10).
+Also the single place where BrokerErrors become gRPC statuses (request bodies that fail to decode
+included: INVALID_ARGUMENT, never grpc's UNKNOWN), and where unexpected exceptions become INTERNAL
+(fail closed, I10).
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ import contextvars
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
-from broker.errors import BrokerError, PermissionDenied, Unauthenticated
+from broker.errors import BrokerError, PermissionDenied, Unauthenticated, UndecodableRequest
 from broker.identity.spiffe import Kind
 from broker.service.peer import ANONYMOUS_CALLER, Caller, peer_pem
 from broker.service.status import status_for, trailing_details
@@ -57,6 +58,44 @@ class IdentityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return _wrap(handler, method, required, self._authenticate)
 
 
+def _message_type(deserializer: Callable[[bytes], Any], method: str) -> str:
+    """The protobuf type a deserializer parses (generated FromString is bound to its class)."""
+    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    name = getattr(descriptor, "full_name", None)
+    return name if isinstance(name, str) else f"request message for {method}"
+
+
+def _decoder(deserializer: Callable[[bytes], Any] | None, method: str) -> Callable[[bytes], Any]:
+    """The handler's deserializer, raising UndecodableRequest (INVALID_ARGUMENT through the status
+    table) instead of whatever the protobuf runtime raises, which grpc would report as UNKNOWN
+    with internal names."""
+    if deserializer is None:
+        return lambda raw: raw
+    parse = deserializer
+    message_type = _message_type(parse, method)
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return parse(raw)
+        except Exception:
+            raise UndecodableRequest(message_type) from None
+
+    return decode
+
+
+def _writing(inner: Callable[..., Any]) -> Callable[..., Awaitable[None]]:
+    """A streaming handler in the context.write style; async generators (grpcio-reflection's
+    servicer) are adapted so every handler runs inside the same guard."""
+    if not inspect.isasyncgenfunction(inner):
+        return cast(Callable[..., Awaitable[None]], inner)
+
+    async def write_all(request: Any, context: grpc.aio.ServicerContext) -> None:
+        async for response in inner(request, context):
+            await context.write(response)
+
+    return write_all
+
+
 def _wrap(
     handler: grpc.RpcMethodHandler, method: str, required: Kind | None, authenticate: Authenticator
 ) -> grpc.RpcMethodHandler:
@@ -65,37 +104,32 @@ def _wrap(
             raise PermissionDenied(f"{method} is not served on this listener")
         _current_caller.set(await authenticate(context, required))
 
+    # Unary requests arrive as bytes (no deserializer) and are decoded after the identity check;
+    # streamed requests are decoded by context.read(), inside the handler, so in the same guard.
+    decode = _decoder(handler.request_deserializer, method)
     if handler.unary_unary is not None:
         inner_uu = handler.unary_unary
 
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await _guarded(context, method, admit, lambda: inner_uu(request, context))
+        async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            return await _guarded(context, method, admit, lambda: inner_uu(decode(raw), context))
 
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary, handler.request_deserializer, handler.response_serializer
-        )
+        return grpc.unary_unary_rpc_method_handler(unary_unary, None, handler.response_serializer)
     if handler.stream_stream is not None:
-        inner_ss = handler.stream_stream
-        if inspect.isasyncgenfunction(inner_ss):
-            raise TypeError(f"{method}: write streaming handlers with context.read/write")
+        inner_ss = _writing(handler.stream_stream)
 
         async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
             return await _guarded(context, method, admit, lambda: inner_ss(requests, context))
 
         return grpc.stream_stream_rpc_method_handler(
-            stream_stream, handler.request_deserializer, handler.response_serializer
+            stream_stream, decode, handler.response_serializer
         )
     if handler.unary_stream is not None:
-        inner_us = handler.unary_stream
-        if inspect.isasyncgenfunction(inner_us):
-            raise TypeError(f"{method}: write streaming handlers with context.write")
+        inner_us = _writing(handler.unary_stream)
 
-        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await _guarded(context, method, admit, lambda: inner_us(request, context))
+        async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            return await _guarded(context, method, admit, lambda: inner_us(decode(raw), context))
 
-        return grpc.unary_stream_rpc_method_handler(
-            unary_stream, handler.request_deserializer, handler.response_serializer
-        )
+        return grpc.unary_stream_rpc_method_handler(unary_stream, None, handler.response_serializer)
     raise TypeError(f"{method}: client-streaming RPCs are not used by this API")
 
 

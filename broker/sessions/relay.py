@@ -6,7 +6,8 @@ Asyncio only (no grpc, no protobuf). Rules (I6, I7):
 - each watcher has a bounded queue: a slow watcher loses its oldest frames, memory stays flat;
 - a frame for a session nobody watches makes the camera stop that stream;
 - ending a session (revocation, expiry, watcher leaving) wakes its watcher with a reason and
-  stops the camera's stream.
+  stops the camera's stream;
+- a camera is sent StopStream at most once per session, whichever of these happens first.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from broker.audit.chain import AuditEvent
 from broker.clock import Clock, unix
 from broker.errors import FailedPrecondition
+from broker.protocol.spiffe_id import SpiffeId
 from broker.sessions.presence import Presence
 
 DEFAULT_QUEUE_FRAMES = 64
 RESTART_REASON = "broker restarted"  # the reason the store gives sessions a restart ended
+STOPPED_MEMORY = 65_536  # stopped sessions remembered; the oldest are forgotten first
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +111,16 @@ class LiveSession:
 AlarmSink = Callable[[str, str, str], None]
 
 
+def alarm_event(trust_domain: str, device_id: str, session_id: str, reason: str) -> AuditEvent:
+    """The audit entry for a relay rule that fired (I6, I12), attributed to the sending camera."""
+    return AuditEvent(
+        str(SpiffeId.device(trust_domain, device_id)),
+        "relay.alarm",
+        device_id,
+        {"session_id": session_id[:64], "reason": reason},
+    )
+
+
 class Relay:
     """All live sessions of this broker process (lost on restart, by design)."""
 
@@ -122,7 +136,8 @@ class Relay:
         self._on_alarm = on_alarm
         self._queue_frames = queue_frames
         self._sessions: dict[str, LiveSession] = {}
-        self._stopped_unknown: set[str] = set()
+        # (device, session) pairs already sent StopStream; insertion-ordered, bounded
+        self._stopped: dict[tuple[str, str], None] = {}
 
     # -- watchers --------------------------------------------------------------------------------
     def open(
@@ -182,11 +197,7 @@ class Relay:
         """Route one frame from the Attach stream of device_id (its certificate identity, I6)."""
         live = self._sessions.get(session_id)
         if live is None or live.ended:
-            if session_id not in self._stopped_unknown:
-                self._stopped_unknown.add(session_id)
-                handle = self._presence.handle(device_id)
-                if handle is not None:
-                    handle.send(StopStreamCommand(session_id, "nobody is watching this session"))
+            self._stop(device_id, session_id, "nobody is watching this session")
             return FrameVerdict.NO_WATCHER
         if live.device_id != device_id:
             self._on_alarm(device_id, session_id, "frame from a device that is not the session's")
@@ -245,9 +256,21 @@ class Relay:
         if not live.handshake.done():
             live.handshake.set_result(Rejected(reason))
         if notify_device:
-            handle = self._presence.handle(live.device_id)
-            if handle is not None:
-                handle.send(StopStreamCommand(live.session_id, reason))
+            self._stop(live.device_id, live.session_id, reason)
+
+    def _stop(self, device_id: str, session_id: str, reason: str) -> None:
+        """Tell the attached camera to stop a session, unless it was told already: a watcher
+        leaving and the frames still in flight from the camera must not stop it twice."""
+        key = (device_id, session_id)
+        if key in self._stopped:
+            return
+        handle = self._presence.handle(device_id)
+        if handle is None:
+            return
+        self._stopped[key] = None
+        if len(self._stopped) > STOPPED_MEMORY:
+            del self._stopped[next(iter(self._stopped))]
+        handle.send(StopStreamCommand(session_id, reason))
 
     def expire(self) -> list[str]:
         """End sessions whose token has expired (I7); returns their ids."""

@@ -10,6 +10,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -128,20 +132,54 @@ def test_a_signature_by_another_key_fails():
         verify_transcript_signature(DEVICE_CERT, transcript(BINDING), other)
 
 
-def test_ed25519_device_keys_sign_and_verify():
-    key = ed25519.Ed25519PrivateKey.generate()
+@pytest.mark.parametrize("curve", [ec.SECP256R1(), ec.SECP384R1()], ids=lambda c: c.name)
+def test_p256_and_p384_device_keys_sign_ecdsa_sha256_der(curve: ec.EllipticCurve) -> None:
+    """Both accepted key types sign the transcript with ECDSA over SHA-256 (not SHA-384 for P-384),
+    DER-encoded (SEQUENCE of r and s, not raw r||s)."""
+    key = ec.generate_private_key(curve)
     cert = make_cert(key)
-    verify_transcript_signature(
-        cert, transcript(BINDING), sign_transcript(key, transcript(BINDING))
+    data = transcript(BINDING)
+    signature = sign_transcript(key, data)
+    assert signature[0] == 0x30  # DER SEQUENCE
+    r, s = decode_dss_signature(signature)
+    assert encode_dss_signature(r, s) == signature
+    key.public_key().verify(signature, data, ec.ECDSA(hashes.SHA256()))
+    verify_transcript_signature(cert, data, signature)
+    with pytest.raises(HandshakeError, match="signature does not verify"):
+        verify_transcript_signature(cert, data, SIGNATURE)
+
+
+def test_a_raw_r_s_signature_is_refused() -> None:
+    """JOSE/WebCrypto produce raw r||s; the protocol requires DER, so raw does not verify."""
+    r, s = decode_dss_signature(SIGNATURE)
+    raw = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    with pytest.raises(HandshakeError, match="signature does not verify"):
+        verify_transcript_signature(DEVICE_CERT, transcript(BINDING), raw)
+
+
+@pytest.mark.parametrize(
+    "make_key",
+    [
+        pytest.param(lambda: rsa_key(2048), id="rsa2048"),
+        pytest.param(ed25519.Ed25519PrivateKey.generate, id="ed25519"),
+        pytest.param(lambda: ec.generate_private_key(ec.SECP521R1()), id="secp521r1"),
+    ],
+)
+def test_a_device_key_that_cannot_sign_the_handshake_is_refused(make_key: object) -> None:
+    """The broker certifies only P-256 and P-384 keys; a certificate with any other key (issued
+    elsewhere) is refused by the app, and the SDK refuses to sign with one."""
+    key = make_key()  # type: ignore[operator]
+    cert = make_cert(key)
+    expected = (
+        "device key type cannot sign the session handshake: "
+        "use ECDSA P-256 (secp256r1) or P-384 (secp384r1)"
     )
-    with pytest.raises(HandshakeError):
+    with pytest.raises(HandshakeError) as info:
         verify_transcript_signature(cert, transcript(BINDING), SIGNATURE)
-
-
-def test_a_device_key_that_cannot_sign_the_handshake_is_refused():
-    cert = make_cert(rsa_key(1024))
-    with pytest.raises(HandshakeError, match="cannot sign the session handshake"):
-        verify_transcript_signature(cert, transcript(BINDING), SIGNATURE)
+    assert info.value.message == expected
+    with pytest.raises(HandshakeError) as info:
+        sign_transcript(key, transcript(BINDING))  # type: ignore[arg-type]
+    assert info.value.message == expected
 
 
 def test_app_side_refuses_an_answer_to_another_app_key():
@@ -153,6 +191,20 @@ def test_app_side_refuses_a_signed_but_invalid_device_key():
     binding = dataclasses.replace(BINDING, device_ephemeral=b"\x01" * 31)
     signature = sign_transcript(DEVICE_KEY, transcript(binding))
     with pytest.raises(HandshakeError, match="not a valid X25519 key"):
+        app_side(APP_EPH, DEVICE_CERT, binding, signature)
+
+
+@pytest.mark.parametrize("bad", [b"\x00" * 32, b"\x01" + b"\x00" * 31, b"\x02" * 31])
+def test_a_low_order_or_malformed_app_key_is_a_failed_handshake_on_the_camera(bad: bytes) -> None:
+    """I6: an all-zero shared secret is refused as a handshake failure, not an internal error."""
+    with pytest.raises(HandshakeError, match="not a valid X25519 public key"):
+        device_side(DEVICE_KEY, "s-1", DEVICE, "u-1", "thumb", bad)
+
+
+def test_a_low_order_signed_device_key_is_a_failed_handshake_in_the_app() -> None:
+    binding = dataclasses.replace(BINDING, device_ephemeral=b"\x00" * 32)
+    signature = sign_transcript(DEVICE_KEY, transcript(binding))
+    with pytest.raises(HandshakeError, match="not a valid X25519 public key"):
         app_side(APP_EPH, DEVICE_CERT, binding, signature)
 
 

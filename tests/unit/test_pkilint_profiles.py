@@ -29,14 +29,14 @@ import pytest
 import validators
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from pkilint import loader, validation
 from pkilint.pkix import certificate, extension, general_name, name
 from pkilint.validation import ValidationFindingSeverity as Severity
 
 from broker.identity.spiffe import Identity, Kind, device
+from broker.pemfile import read_certificates, read_private_key
 from broker.pki.ca import make_birth_certificate
-from broker.pki.pemfile import read_certificates, read_private_key
 from tests.unit.conftest import DevPki, make_dev_pki
 
 SPIFFE_URI_FINDING = "pkix.invalid_uri_syntax"
@@ -198,8 +198,6 @@ PROFILES: dict[str, Callable[[DevPki], x509.Certificate]] = {
     "operator": lambda pki: _first(pki.files.operator_chain),
     "device-p256": _device_cert(lambda: ec.generate_private_key(ec.SECP256R1())),
     "device-p384": _device_cert(lambda: ec.generate_private_key(ec.SECP384R1())),
-    "device-ed25519": _device_cert(ed25519.Ed25519PrivateKey.generate),
-    "device-rsa2048": _device_cert(lambda: rsa.generate_private_key(65537, 2048)),
     "app": _app_cert,
     "birth": _birth_cert,
 }
@@ -209,8 +207,6 @@ LEAVES_WITH_SPIFFE_ID = {
     "operator",
     "device-p256",
     "device-p384",
-    "device-ed25519",
-    "device-rsa2048",
 }
 
 

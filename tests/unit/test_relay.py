@@ -281,3 +281,90 @@ def test_the_sweeper_expires_sessions_and_ends_the_rest_when_the_broker_stops():
         assert long.end_reason == "broker restarted"  # the same reason the store gives it
 
     run(scenario)
+
+
+# -- StopStream at most once per session (issue 8) ------------------------------------------------
+
+
+def stops(items: list[object]) -> list[StopStreamCommand]:
+    return [item for item in items if isinstance(item, StopStreamCommand)]
+
+
+def test_a_watcher_leaving_stops_the_camera_once_despite_frames_in_flight() -> None:
+    """The watcher hangs up (StopStream "watcher left"); the frames the camera sent before it saw
+    that arrive afterwards and must not stop the same session a second time."""
+
+    async def scenario(h: Harness) -> None:
+        cam = h.attach("cam-a")
+        live = h.open("s-1", "cam-a")
+        h.relay.on_accept("cam-a", "s-1", Accepted(b"k" * 32, b"sig", "chain"))
+        h.relay.on_frame("cam-a", "s-1", 1, b"x")
+        h.relay.detach(live)
+        for sequence in (2, 3, 4):
+            assert h.relay.on_frame("cam-a", "s-1", sequence, b"x") is FrameVerdict.NO_WATCHER
+        assert stops(sent(cam)) == [StopStreamCommand("s-1", "watcher left")]
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("ending", ["end", "end_where", "expire", "sweeper-stop"])
+def test_every_teardown_path_stops_the_camera_exactly_once(ending: str) -> None:
+    """Whatever ends the session first, then the watcher leaving, then late frames: one
+    StopStream for the session, carrying the first reason."""
+
+    async def scenario(h: Harness) -> None:
+        cam = h.attach("cam-a")
+        live = h.open("s-1", "cam-a", ttl=10)
+        other = h.open("s-2", "cam-a", ttl=300, user="u-2")
+        if ending == "end":
+            h.relay.end("s-1", "share revoked")
+        elif ending == "end_where":
+            h.relay.end_where("share revoked", user_id="u-1")
+        elif ending == "expire":
+            h.clock.advance(10)
+            h.relay.expire()
+        else:
+            sweeper = asyncio.create_task(h.relay.run_expiry(interval=10))
+            await asyncio.sleep(0)
+            sweeper.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await sweeper
+        first = live.end_reason
+        assert first is not None
+        h.relay.end("s-1", "again")
+        h.relay.end_where("and again", device_id="cam-a")  # ends s-2 too: its own single stop
+        h.relay.expire()
+        h.relay.detach(live)
+        h.relay.on_frame("cam-a", "s-1", 9, b"late")
+        h.relay.detach(other)
+        h.relay.on_frame("cam-a", "s-2", 9, b"late")
+        commands = stops(sent(cam))
+        assert [c for c in commands if c.session_id == "s-1"] == [StopStreamCommand("s-1", first)]
+        assert other.end_reason is not None
+        assert [c for c in commands if c.session_id == "s-2"] == [
+            StopStreamCommand("s-2", other.end_reason)
+        ]
+
+    run(scenario)
+
+
+def test_stop_is_per_camera_and_the_memory_of_stopped_sessions_is_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from broker.sessions import relay as relay_module
+
+    monkeypatch.setattr(relay_module, "STOPPED_MEMORY", 4)
+
+    async def scenario(h: Harness) -> None:
+        cam_a, cam_b = h.attach("cam-a"), h.attach("cam-b")
+        live = h.open("s-b", "cam-b")
+        h.relay.detach(live)
+        h.relay.on_frame("cam-a", "s-b", 1, b"misrouted")  # another camera: told once, too
+        h.relay.on_frame("cam-a", "s-b", 2, b"misrouted")
+        assert stops(sent(cam_b)) == [StopStreamCommand("s-b", "watcher left")]
+        assert stops(sent(cam_a)) == [StopStreamCommand("s-b", "nobody is watching this session")]
+        for n in range(10):
+            h.relay.on_frame("cam-a", f"s-gone-{n}", 1, b"x")
+        assert len(h.relay._stopped) == 4
+
+    run(scenario)
