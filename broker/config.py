@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from broker.identity.spiffe import validate_trust_domain
+from broker.protocol.spiffe_id import SpiffeId
 
 DAY = 86_400
 
@@ -34,6 +35,8 @@ class Config:
     attach_hello_timeout_seconds: float = 10.0
     max_message_bytes: int = 64 * 1024
     db_path: Path | None = None
+    # BROKER_STORE: sqlite:///<path> or postgresql://...; empty means SQLite at `database`.
+    store_url: str = ""
     allow_signup: bool = True
     app_cert_days: int = 7
     # Session tokens must be used to start a stream within this time (DESIGN: at most 5 min).
@@ -59,7 +62,7 @@ class Config:
     @property
     def broker_spiffe_id(self) -> str:
         """The issuer (iss) of every session token."""
-        return f"spiffe://{self.trust_domain}/broker"
+        return str(SpiffeId.broker(self.trust_domain))
 
     @property
     def certs_dir(self) -> Path:
@@ -92,6 +95,8 @@ def from_environment(home: Path | None = None) -> Config:
             overrides[name] = env[var]
     if "BROKER_ALLOW_SIGNUP" in env:
         overrides["allow_signup"] = env["BROKER_ALLOW_SIGNUP"].lower() not in ("0", "false", "no")
+    if "BROKER_STORE" in env:
+        overrides["store_url"] = env["BROKER_STORE"]
     if "BROKER_DB" in env:
         overrides["db_path"] = Path(env["BROKER_DB"])
     if "BROKER_SERVER_NAMES" in env:

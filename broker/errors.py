@@ -19,6 +19,18 @@ class InvalidArgument(BrokerError):
     """The request is malformed; fixing the request can make it succeed."""
 
 
+class UndecodableRequest(InvalidArgument):
+    """A request message is not valid protobuf for its type, or has a string field that is not
+    valid UTF-8. Raised by the decoder the service layer installs, before any handler runs."""
+
+    def __init__(self, message_type: str) -> None:
+        super().__init__(
+            f"request is not a valid {message_type} message: "
+            "malformed protobuf or a string field that is not valid UTF-8"
+        )
+        self.message_type = message_type
+
+
 class Unauthenticated(BrokerError):
     """The caller's credentials are missing, unknown, expired or revoked."""
 
@@ -53,3 +65,11 @@ class Unavailable(BrokerError):
 
 class ConfigurationError(BrokerError):
     """The broker is misconfigured; raised at start-up, never per request."""
+
+
+class Contention(Unavailable):
+    """The store kept hitting serialization failures for this request; retry after a moment."""
+
+    def __init__(self, message: str, retry_after_seconds: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds

@@ -8,6 +8,7 @@ from broker import errors
 
 STATUS_BY_ERROR: dict[type[errors.BrokerError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.UndecodableRequest: grpc.StatusCode.INVALID_ARGUMENT,  # requests that fail to decode
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
@@ -28,8 +29,9 @@ def status_for(error: errors.BrokerError) -> grpc.StatusCode:
 
 
 def trailing_details(error: errors.BrokerError) -> tuple[tuple[str, bytes], ...]:
-    """google.rpc.Status details for errors that carry them (RetryInfo on RESOURCE_EXHAUSTED)."""
-    if not isinstance(error, errors.ResourceExhausted):
+    """google.rpc.Status details for errors that carry them (RetryInfo on RESOURCE_EXHAUSTED,
+    and on UNAVAILABLE when the store gave up on contention)."""
+    if not isinstance(error, errors.ResourceExhausted | errors.Contention):
         return ()
     from google.protobuf import any_pb2, duration_pb2
     from google.rpc import error_details_pb2, status_pb2
@@ -40,6 +42,6 @@ def trailing_details(error: errors.BrokerError) -> tuple[tuple[str, bytes], ...]
     detail = any_pb2.Any()
     detail.Pack(retry)
     status = status_pb2.Status(
-        code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message=error.message, details=[detail]
+        code=status_for(error).value[0], message=error.message, details=[detail]
     )
     return (("grpc-status-details-bin", status.SerializeToString()),)

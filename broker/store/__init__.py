@@ -1,4 +1,10 @@
-"""Storage: the store-of-record interface and its backends (SQLite default)."""
+"""Storage: the store-of-record interface and its backends (SQLite default, PostgreSQL).
+
+``open_store(config)`` (in ``broker.store.open``) picks the backend from ``config.store_url``.
+
+Owns: the schema, migrations, and the one transaction contract every core decision runs in.
+May import: broker.audit (entry format), base modules. Never grpc, never a core package above it.
+"""
 
 from broker.store.base import (
     AppRecord,
@@ -6,9 +12,12 @@ from broker.store.base import (
     CertStatus,
     DeviceRecord,
     DeviceState,
+    DuplicateKey,
     EnrollmentTokenRecord,
     GrantRecord,
+    MissingReference,
     Role,
+    SchemaTooNew,
     SessionOutcome,
     SessionRecord,
     Store,
@@ -22,9 +31,12 @@ __all__ = [
     "CertificateRecord",
     "DeviceRecord",
     "DeviceState",
+    "DuplicateKey",
     "EnrollmentTokenRecord",
     "GrantRecord",
+    "MissingReference",
     "Role",
+    "SchemaTooNew",
     "SessionOutcome",
     "SessionRecord",
     "Store",

@@ -1,18 +1,79 @@
-"""The storage interface every backend implements, and its record types.
+"""The storage interface every backend implements, its record types and its typed errors.
 
-Core logic runs its checks and writes inside one ``Store.transaction()``; backends make that
+Core logic runs its checks and writes inside one ``Store.transaction()`` (or a unit of work given
+to ``Store.run()``, which a backend may re-run on a serialization failure); backends make that
 transaction serializable for writers, so single-use secrets are consumed atomically (I8).
+
+Every check-then-act has a constraint behind it. When an insert breaks one, every backend raises
+the same ``DuplicateKey`` (naming the constraint from ``CONSTRAINTS``), and the transaction stays
+usable, so a caller that loses a race sees the same typed error a sequential caller would.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from broker.audit.chain import AuditEntry, AuditEvent
+from broker.errors import AlreadyExists, ConfigurationError, FailedPrecondition
+
+T = TypeVar("T")
+
+# Backend-neutral names of the uniqueness rules every backend enforces (DuplicateKey.constraint).
+CONSTRAINTS = frozenset(
+    {
+        "devices.device_id",
+        "certificates.serial",
+        "certificates.fingerprint",
+        "certificates.spki_sha256",  # one identity (subject) per public key
+        "enrollment_tokens.token_hash",
+        "users.user_id",
+        "users.username",
+        "app_instances.app_id",
+        "grants.device_user",  # one grant per (device, user)
+        "grants.one_owner",  # at most one owner per device
+        "sessions.session_id",
+    }
+)
+
+
+class DuplicateKey(AlreadyExists):
+    """An insert would break a uniqueness rule; ``constraint`` is one of ``CONSTRAINTS``."""
+
+    def __init__(self, constraint: str) -> None:
+        super().__init__(_DUPLICATE_MESSAGES.get(constraint, f"{constraint} already exists"))
+        self.constraint = constraint
+
+
+# The words a sequential caller gets from the core for the same refusal, where the core has one.
+_DUPLICATE_MESSAGES = {
+    "users.username": "that username is taken",
+    "certificates.spki_sha256": "this public key is already bound to another identity",
+    "grants.one_owner": "the device already has an owner",
+}
+
+
+class MissingReference(FailedPrecondition):
+    """An insert names a row that does not exist (a foreign key); ``table`` is the inserted one."""
+
+    def __init__(self, table: str) -> None:
+        super().__init__(f"{table} row refers to a row that does not exist")
+        self.table = table
+
+
+class SchemaTooNew(ConfigurationError, RuntimeError):
+    """The database was migrated by a newer broker; this one refuses to open it."""
+
+    def __init__(self, found: int, known: int, backend: str) -> None:
+        super().__init__(
+            f"{backend} database schema v{found} is newer than this broker (v{known}); "
+            "upgrade the broker, or restore a backup taken before the upgrade"
+        )
+        self.found = found
+        self.known = known
 
 
 class DeviceState(enum.Enum):
@@ -188,9 +249,15 @@ class Transaction(Protocol):
 
 
 class Store(Protocol):
-    """A store of record. ``transaction()`` commits on success and rolls back on any exception."""
+    """A store of record. ``transaction()`` commits on success and rolls back on any exception.
+
+    ``run(unit)`` runs ``unit`` in one transaction and returns its result; on a serialization
+    failure or deadlock the backend rolls back and runs ``unit`` again (so ``unit`` must have no
+    effects outside the transaction), a bounded number of times, then raises
+    ``broker.errors.Contention`` (UNAVAILABLE with retry info)."""
 
     def transaction(self) -> AbstractContextManager[Transaction]: ...
+    def run(self, unit: Callable[[Transaction], T]) -> T: ...
     def read(self) -> AbstractContextManager[Transaction]: ...
     def batch(self) -> AbstractContextManager[None]: ...
     def audit_entries(self) -> Iterator[AuditEntry]: ...

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from broker.audit.chain import GENESIS, AuditEntry, AuditEvent, canonical_detail, entry_hash
 from broker.store.base import (
@@ -21,14 +21,20 @@ from broker.store.base import (
     CertStatus,
     DeviceRecord,
     DeviceState,
+    DuplicateKey,
     EnrollmentTokenRecord,
     GrantRecord,
+    MissingReference,
     Role,
+    SchemaTooNew,
     SessionOutcome,
     SessionRecord,
+    Transaction,
     UserRecord,
 )
 from broker.store.schema import LATEST_VERSION, MIGRATIONS
+
+T = TypeVar("T")
 
 DEVICE_COLUMNS = (
     "device_id, state, created_at, enrolled_via, claim_code_hash, revoked_at, last_seen_at, "
@@ -46,6 +52,20 @@ SESSION_COLUMNS = (
     "cnf_thumbprint, ended_at, bytes"
 )
 TOKEN_COLUMNS = "token_hash, device_id, created_at, expires_at, created_by, used_at"  # noqa: S105
+
+# SQLite's "UNIQUE constraint failed: <columns>" text -> the backend-neutral constraint name.
+_UNIQUE_COLUMNS = {
+    "devices.device_id": "devices.device_id",
+    "certificates.serial": "certificates.serial",
+    "certificates.fingerprint": "certificates.fingerprint",
+    "enrollment_tokens.token_hash": "enrollment_tokens.token_hash",
+    "users.user_id": "users.user_id",
+    "users.username": "users.username",
+    "app_instances.app_id": "app_instances.app_id",
+    "grants.device_id, grants.user_id": "grants.device_user",
+    "grants.device_id": "grants.one_owner",  # the partial index grants_one_owner
+    "sessions.session_id": "sessions.session_id",
+}
 
 
 def _device(row: sqlite3.Row | tuple[Any, ...]) -> DeviceRecord:
@@ -82,13 +102,28 @@ class SqliteTransaction:
         row: tuple[Any, ...] | None = self._conn.execute(sql, args).fetchone()
         return row
 
+    def _insert(self, table: str, sql: str, args: tuple[Any, ...]) -> None:
+        """INSERT, with a broken constraint raised as the backend-neutral typed error."""
+        try:
+            self._conn.execute(sql, args)
+        except sqlite3.IntegrityError as error:
+            text = str(error)
+            if text.startswith("UNIQUE constraint failed: "):
+                columns = text.removeprefix("UNIQUE constraint failed: ")
+                if columns in _UNIQUE_COLUMNS:
+                    raise DuplicateKey(_UNIQUE_COLUMNS[columns]) from error
+            if text.startswith("FOREIGN KEY constraint failed"):
+                raise MissingReference(table) from error
+            raise
+
     # devices
     def get_device(self, device_id: str) -> DeviceRecord | None:
         row = self._one(f"SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = ?", (device_id,))
         return _device(row) if row else None
 
     def insert_device(self, device: DeviceRecord) -> None:
-        self._conn.execute(
+        self._insert(
+            "devices",
             f"INSERT INTO devices ({DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 device.device_id,
@@ -127,7 +162,14 @@ class SqliteTransaction:
 
     # certificates
     def insert_certificate(self, cert: CertificateRecord) -> None:
-        self._conn.execute(
+        # One identity per public key: atomic here because writers are serialized (BEGIN IMMEDIATE).
+        if self._one(
+            "SELECT 1 FROM certificates WHERE spki_sha256 = ? AND subject != ? LIMIT 1",
+            (cert.spki_sha256, cert.subject),
+        ):
+            raise DuplicateKey("certificates.spki_sha256")
+        self._insert(
+            "certificates",
             f"INSERT INTO certificates ({CERT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 cert.serial,
@@ -202,7 +244,8 @@ class SqliteTransaction:
 
     # enrollment tokens
     def insert_enrollment_token(self, token: EnrollmentTokenRecord) -> None:
-        self._conn.execute(
+        self._insert(
+            "enrollment_tokens",
             f"INSERT INTO enrollment_tokens ({TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
             (
                 token.token_hash,
@@ -238,7 +281,8 @@ class SqliteTransaction:
 
     # users and app instances
     def insert_user(self, user: UserRecord) -> None:
-        self._conn.execute(
+        self._insert(
+            "users",
             f"INSERT INTO users ({USER_COLUMNS}) VALUES (?, ?, ?, ?)",
             (user.user_id, user.username, user.password_hash, user.created_at),
         )
@@ -252,7 +296,8 @@ class SqliteTransaction:
         return UserRecord(*row) if row else None
 
     def insert_app(self, app: AppRecord) -> None:
-        self._conn.execute(
+        self._insert(
+            "app_instances",
             f"INSERT INTO app_instances ({APP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
             (app.app_id, app.user_id, app.label, app.state.value, app.created_at, app.revoked_at),
         )
@@ -284,7 +329,8 @@ class SqliteTransaction:
         return _grant(row) if row else None
 
     def insert_grant(self, grant: GrantRecord) -> None:
-        self._conn.execute(
+        self._insert(
+            "grants",
             f"INSERT INTO grants ({GRANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
             (
                 grant.device_id,
@@ -316,7 +362,8 @@ class SqliteTransaction:
 
     # sessions
     def insert_session(self, session: SessionRecord) -> None:
-        self._conn.execute(
+        self._insert(
+            "sessions",
             f"INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 session.session_id,
@@ -463,9 +510,7 @@ class SqliteStore:
         with self._lock:
             current = self.schema_version()
             if current > LATEST_VERSION:
-                raise RuntimeError(
-                    f"database schema v{current} is newer than this broker (v{LATEST_VERSION})"
-                )
+                raise SchemaTooNew(current, LATEST_VERSION, "SQLite")
             for version in range(current + 1, target + 1):
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -528,6 +573,12 @@ class SqliteStore:
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+
+    def run(self, unit: Callable[[Transaction], T]) -> T:
+        """Run unit in one transaction. SQLite serializes writers (BEGIN IMMEDIATE), so there is
+        no serialization failure to retry; a busy database waits up to busy_timeout."""
+        with self.transaction() as tx:
+            return unit(tx)
 
     @contextmanager
     def read(self) -> Iterator[SqliteTransaction]:
