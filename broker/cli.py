@@ -252,8 +252,8 @@ def cmd_retire_root(args: argparse.Namespace) -> int:
 
 
 def cmd_crl(args: argparse.Namespace) -> int:
+    from broker.pemfile import write_atomic
     from broker.pki.crl import build_crls, crls_pem
-    from broker.pki.pemfile import write_atomic
     from broker.store.sqlite import SqliteStore
 
     config = _config(args)

@@ -45,3 +45,13 @@ def unix(moment: dt.datetime) -> int:
 def monotonic() -> float:
     """Monotonic seconds, for measuring intervals."""
     return time.monotonic()
+
+
+def now_s(clock: Clock) -> int:
+    """The clock's time in whole Unix seconds (what the store records)."""
+    return unix(clock.now())
+
+
+def now_ms(clock: Clock) -> int:
+    """The clock's time in Unix milliseconds (audit entries order by it)."""
+    return int(clock.now().timestamp() * 1000)

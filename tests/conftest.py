@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -15,39 +14,7 @@ from broker.clock import FakeClock
 from broker.config import Config
 from broker.pki.ca import PkiFiles, init_pki
 from broker.service.server import BrokerServer
-from broker.store.sqlite import SqliteStore
-from tests.helpers import Pki
-
-
-@dataclass
-class RunningBroker:
-    """A broker serving on loopback from a background thread, plus handles for assertions."""
-
-    config: Config
-    server: BrokerServer
-    loop: asyncio.AbstractEventLoop
-    clock: FakeClock
-    pki: Pki
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.server.ports['bootstrap']}"
-
-    @property
-    def main(self) -> str:
-        return f"127.0.0.1:{self.server.ports['main']}"
-
-    @property
-    def factory(self) -> str:
-        return f"127.0.0.1:{self.server.ports['factory']}"
-
-    def store(self) -> SqliteStore:
-        """A separate connection to the broker's database, for checking what was written."""
-        return SqliteStore(self.config.database)
-
-    def on_loop(self, coro: object, timeout: float = 10) -> object:
-        """Run a coroutine on the broker's event loop (e.g. to inspect presence)."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+from tests.helpers import Pki, RunningBroker
 
 
 def start_broker(home: Path, clock: FakeClock | None = None, **overrides: object) -> RunningBroker:

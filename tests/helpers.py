@@ -1,18 +1,64 @@
-"""Test helpers: CSRs of every flavour, foreign CAs, and sync stubs over real TLS."""
+"""Test helpers: the running-broker handle, CSRs of every flavour, foreign CAs, sync stubs over
+real TLS, and reads of the store of record.
+
+Reads of what the broker wrote go through the store contract (``broker.store.base``: ``Store`` and
+``Transaction``) on a separate connection; only tables the contract cannot list or count are read
+with SQL, in ``uncontracted_rows`` (see the section "reads the store contract has no method for").
+"""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import re
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from google.protobuf.message import Message
 
-from broker._proto.broker.v1 import admin_pb2, admin_pb2_grpc, bootstrap_pb2, bootstrap_pb2_grpc
+from broker._proto.broker.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    app_pb2,
+    bootstrap_pb2,
+    bootstrap_pb2_grpc,
+    device_pb2,
+)
+from broker.audit.chain import AuditEntry
+from broker.clock import FakeClock
+from broker.config import Config
 from broker.pki.ca import PkiFiles
+from broker.store.base import (
+    AppRecord,
+    CertificateRecord,
+    DeviceRecord,
+    EnrollmentTokenRecord,
+    SessionRecord,
+    Store,
+    Transaction,
+    UserRecord,
+)
+
+if TYPE_CHECKING:
+    from broker.client.app import AppClient, SessionTicket, WatchStream
+    from broker.client.device import Endpoints
+    from broker.client.simcam import SimulatedCamera
+    from broker.identity.spiffe import Identity
+    from broker.service.server import BrokerServer
+    from broker.store.sqlite import SqliteStore
+
+T = TypeVar("T")
+
+# Every key type a test signs a CSR with (including the ones the broker must refuse).
+SigningKey = CertificateIssuerPrivateKeyTypes
 
 
 @dataclass(frozen=True)
@@ -24,20 +70,67 @@ class Pki:
         return self.files.ca_bundle.read_bytes()
 
 
-def key_pem(key: object) -> bytes:
-    return key.private_bytes(  # type: ignore[attr-defined]
+@dataclass(frozen=True)
+class RunningBroker:
+    """A broker serving on loopback from a background thread (started by tests.conftest's
+    ``start_broker``), plus the handles tests assert with."""
+
+    config: Config
+    server: BrokerServer
+    loop: asyncio.AbstractEventLoop
+    clock: FakeClock
+    pki: Pki
+
+    @property
+    def home(self) -> Path:
+        return self.config.home
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.server.ports['bootstrap']}"
+
+    @property
+    def main(self) -> str:
+        return f"127.0.0.1:{self.server.ports['main']}"
+
+    @property
+    def factory(self) -> str:
+        return f"127.0.0.1:{self.server.ports['factory']}"
+
+    @property
+    def endpoints(self) -> Endpoints:
+        """The SDK's view of where this broker listens."""
+        from broker.client.device import Endpoints
+
+        return Endpoints(self.bootstrap, self.main)
+
+    def store(self) -> SqliteStore:
+        """A separate connection to the broker's database, for checking what was written."""
+        from broker.store.sqlite import SqliteStore
+
+        return SqliteStore(self.config.database)
+
+    def on_loop(self, coro: Coroutine[Any, Any, T], timeout: float = 10) -> T:
+        """Run a coroutine on the broker's event loop (e.g. to inspect presence)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+def key_pem(key: SigningKey) -> bytes:
+    return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
 
 
-def csr_for(key: object, *, extensions: list[x509.ExtensionType] | None = None, cn: str = "x") -> str:
+def csr_for(
+    key: SigningKey, *, extensions: list[x509.ExtensionType] | None = None, cn: str = "x"
+) -> str:
     builder = x509.CertificateSigningRequestBuilder().subject_name(
         x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
     )
     for ext in extensions or []:
         builder = builder.add_extension(ext, critical=False)
     algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
-    csr = builder.sign(key, algorithm)  # type: ignore[arg-type]
+    csr = builder.sign(key, algorithm)
     return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
@@ -49,11 +142,8 @@ def rsa_key(bits: int) -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=bits)
 
 
-def bootstrap_stub(broker: object) -> tuple[grpc.Channel, bootstrap_pb2_grpc.BootstrapStub]:
-    channel = grpc.secure_channel(
-        broker.bootstrap,  # type: ignore[attr-defined]
-        grpc.ssl_channel_credentials(broker.pki.ca_pem),  # type: ignore[attr-defined]
-    )
+def bootstrap_stub(broker: RunningBroker) -> tuple[grpc.Channel, bootstrap_pb2_grpc.BootstrapStub]:
+    channel = grpc.secure_channel(broker.bootstrap, grpc.ssl_channel_credentials(broker.pki.ca_pem))
     return channel, bootstrap_pb2_grpc.BootstrapStub(channel)
 
 
@@ -68,34 +158,17 @@ def create_token(operator_channel: grpc.Channel, device_id: str, ttl: int = 0) -
     return str(response.enrollment_token)
 
 
-def enroll(broker: object, token: str, csr_pem: str) -> bootstrap_pb2.EnrollDeviceResponse:
+def enroll(broker: RunningBroker, token: str, csr_pem: str) -> bootstrap_pb2.EnrollDeviceResponse:
     channel, stub = bootstrap_stub(broker)
     with channel:
-        return stub.EnrollDevice(
+        response: bootstrap_pb2.EnrollDeviceResponse = stub.EnrollDevice(
             bootstrap_pb2.EnrollDeviceRequest(csr_pem=csr_pem, enrollment_token=token), timeout=10
         )
+    return response
 
 
 def self_signed_ca(name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = p256()
-    now = dt.datetime.now(dt.UTC)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
+    return impostor_ca(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
 
 
 def forged_leaf(
@@ -124,7 +197,7 @@ def pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-# -- integration helpers: enrolled credentials, sync stubs, store snapshots ---------------------
+# -- integration helpers: enrolled credentials, sync stubs ---------------------------------------
 
 TRUST_DOMAIN = "camera.local"
 
@@ -139,7 +212,7 @@ class DeviceCreds:
     hold on to an old certificate after renewal)."""
 
     device_id: str
-    key: object
+    key: SigningKey
     chain_pem: str
 
     @property
@@ -150,17 +223,17 @@ class DeviceCreds:
     def serial(self) -> str:
         return f"{self.leaf.serial_number:x}"
 
-    def channel(self, broker: object, target: str | None = None) -> grpc.Channel:
+    def channel(self, broker: RunningBroker, target: str | None = None) -> grpc.Channel:
         return mtls_channel(
-            target or broker.main,  # type: ignore[attr-defined]
-            broker.pki.ca_pem,  # type: ignore[attr-defined]
-            key_pem(self.key),
-            self.chain_pem.encode(),
+            target or broker.main, broker.pki.ca_pem, key_pem(self.key), self.chain_pem.encode()
         )
 
 
 def enroll_device(
-    broker: object, operator_channel: grpc.Channel, device_id: str, key: object | None = None
+    broker: RunningBroker,
+    operator_channel: grpc.Channel,
+    device_id: str,
+    key: SigningKey | None = None,
 ) -> DeviceCreds:
     """Token + enrollment over the real bootstrap listener."""
     key = key or p256()
@@ -168,9 +241,11 @@ def enroll_device(
     return DeviceCreds(str(response.device_id), key, str(response.certificate_chain_pem))
 
 
-def renew_device(broker: object, creds: DeviceCreds, key: object | None = None) -> DeviceCreds:
+def renew_device(
+    broker: RunningBroker, creds: DeviceCreds, key: SigningKey | None = None
+) -> DeviceCreds:
     """RenewCertificate over mTLS with creds; returns the new credentials."""
-    from broker._proto.broker.v1 import device_pb2, device_pb2_grpc
+    from broker._proto.broker.v1 import device_pb2_grpc
 
     key = key or p256()
     with creds.channel(broker) as channel:
@@ -180,9 +255,11 @@ def renew_device(broker: object, creds: DeviceCreds, key: object | None = None) 
     return DeviceCreds(creds.device_id, key, str(response.certificate_chain_pem))
 
 
-def attach_once(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = ()) -> list[object]:
+def attach_once(
+    channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = ()
+) -> list[device_pb2.BrokerMessage]:
     """Open Attach, send a hello, half-close; return every message the broker sent."""
-    from broker._proto.broker.v1 import device_pb2, device_pb2_grpc
+    from broker._proto.broker.v1 import device_pb2_grpc
 
     hello = device_pb2.DeviceMessage(hello=device_pb2.Hello(trust_bundle_version="test"))
     responses = device_pb2_grpc.DeviceServiceStub(channel).Attach(
@@ -191,12 +268,12 @@ def attach_once(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = (
     return list(responses)
 
 
-def rpc_error(call: object, *args: object, **kwargs: object) -> grpc.RpcError:
+def rpc_error(call: Callable[..., object], *args: object, **kwargs: object) -> grpc.RpcError:
     """Call and return the RpcError it must raise."""
     import pytest
 
     with pytest.raises(grpc.RpcError) as info:
-        call(*args, **kwargs)  # type: ignore[operator]
+        call(*args, **kwargs)
     return info.value
 
 
@@ -213,20 +290,20 @@ def tamper_csr_signature(csr_pem: str) -> str:
 
 
 def birth_credentials(
-    broker: object, device_id: str, key: object | None = None
+    broker: RunningBroker, device_id: str, key: ec.EllipticCurvePrivateKey | None = None
 ) -> tuple[bytes, bytes]:
     """(key PEM, certificate PEM) of a factory birth certificate naming device_id."""
+    from broker.pemfile import read_certificates, read_private_key
     from broker.pki.ca import make_birth_certificate
-    from broker.pki.pemfile import read_certificates, read_private_key
 
-    files = broker.pki.files  # type: ignore[attr-defined]
+    files = broker.pki.files
     key = key or p256()
     cert = make_birth_certificate(
-        key.public_key(),  # type: ignore[attr-defined]
+        key.public_key(),
         read_private_key(files.factory_key),
         read_certificates(files.factory_cert)[0],
         device_id,
-        broker.clock.now(),  # type: ignore[attr-defined]
+        broker.clock.now(),
     )
     return key_pem(key), pem(cert)
 
@@ -254,55 +331,152 @@ def impostor_ca(subject: x509.Name) -> tuple[ec.EllipticCurvePrivateKey, x509.Ce
     return key, cert
 
 
-def db_rows(broker: object, sql: str, *args: object) -> list[tuple[object, ...]]:
-    """Rows from a read-only connection to the broker's database (for 'nothing was written')."""
+# -- reads through the store contract --------------------------------------------------------------
+
+
+def read_store(broker: RunningBroker, query: Callable[[Transaction], T]) -> T:
+    """query run in one read-only snapshot of a separate connection to the broker's store."""
+    store: Store = broker.store()
+    try:
+        with store.read() as tx:
+            return query(tx)
+    finally:
+        store.close()
+
+
+def device_row(broker: RunningBroker, device_id: str) -> DeviceRecord | None:
+    """The device's record, or None."""
+    return read_store(broker, lambda tx: tx.get_device(device_id))
+
+
+def device_count(broker: RunningBroker) -> int:
+    """How many devices the store knows (any state)."""
+    return read_store(broker, lambda tx: len(tx.list_devices()))
+
+
+def certificates_of(broker: RunningBroker, spiffe_id: str) -> list[CertificateRecord]:
+    """Every certificate record of a SPIFFE ID, oldest first."""
+    return read_store(broker, lambda tx: list(tx.certificates_of(spiffe_id)))
+
+
+def cert_rows(broker: RunningBroker, device_id: str) -> list[CertificateRecord]:
+    """Every certificate record of the device's SPIFFE ID, oldest first."""
+    return certificates_of(broker, device_spiffe(device_id))
+
+
+def certificate(broker: RunningBroker, serial: str) -> CertificateRecord:
+    """The certificate record with this serial (which must exist)."""
+    record = read_store(broker, lambda tx: tx.get_certificate(serial))
+    assert record is not None, f"no certificate {serial}"
+    return record
+
+
+def user_record(broker: RunningBroker, user_id: str) -> UserRecord:
+    """The user's record (which must exist)."""
+    record = read_store(broker, lambda tx: tx.get_user(user_id))
+    assert record is not None, f"no user {user_id}"
+    return record
+
+
+def app_record(broker: RunningBroker, app_id: str) -> AppRecord:
+    """The app instance's record (which must exist)."""
+    record = read_store(broker, lambda tx: tx.get_app(app_id))
+    assert record is not None, f"no app instance {app_id}"
+    return record
+
+
+def token_record(broker: RunningBroker, token: str) -> EnrollmentTokenRecord | None:
+    """An enrollment token's record, looked up by its hash (the only form stored)."""
+    from broker.devices.onetime import secret_hash
+
+    return read_store(broker, lambda tx: tx.get_enrollment_token(secret_hash(token)))
+
+
+def token_used_at(broker: RunningBroker, token: str) -> int | None:
+    """used_at of an enrollment token (which must be stored)."""
+    record = token_record(broker, token)
+    assert record is not None, "expected one token row, found none"
+    return record.used_at
+
+
+def claim_code_hash_of(broker: RunningBroker, device_id: str) -> str | None:
+    """The stored hash of the device's current claim code (None once used)."""
+    record = device_row(broker, device_id)
+    assert record is not None, f"no device {device_id}"
+    return record.claim_code_hash
+
+
+def session_row(broker: RunningBroker, session_id: str) -> SessionRecord | None:
+    """One session's record, or None."""
+    return read_store(broker, lambda tx: tx.get_session(session_id))
+
+
+def session_rows(broker: RunningBroker, device_id: str) -> list[SessionRecord]:
+    """Every session on the device, by opened_at then session_id."""
+    return read_store(broker, lambda tx: list(tx.sessions_of_device(device_id)))
+
+
+def audit_entries(broker: RunningBroker, action: str | None = None) -> list[AuditEntry]:
+    """The audit trail in seq order, only the given action's entries when one is named."""
+    store: Store = broker.store()
+    try:
+        return [e for e in store.audit_entries() if action is None or e.action == action]
+    finally:
+        store.close()
+
+
+def session_audit(broker: RunningBroker, session_id: str) -> list[tuple[str, dict[str, Any]]]:
+    """(action, detail) of every audit entry that names the session, in order."""
+    return [
+        (e.action, dict(e.detail))
+        for e in audit_entries(broker)
+        if e.detail.get("session_id") == session_id
+    ]
+
+
+# -- reads the store contract has no method for ----------------------------------------------------
+# The contract answers what the core asks: one record by key, or the records of one subject.
+# Some tests assert on a whole table ("nothing was written", "exactly these grants exist"), which
+# no core operation needs and so no contract method offers. uncontracted_rows is the one place
+# that reads the database with SQL for them; count_rows and grant_rows are its typed uses.
+
+UncontractedTable = Literal["users", "app_instances", "certificates", "enrollment_tokens", "grants"]
+_COLUMN = re.compile(r"[a-z_]+")
+
+
+def uncontracted_rows(broker: RunningBroker, sql: str, *args: object) -> list[tuple[Any, ...]]:
+    """Rows from a read-only connection to the broker's database (no contract method)."""
     import sqlite3
 
-    path = broker.config.database  # type: ignore[attr-defined]
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    conn = sqlite3.connect(f"file:{broker.config.database}?mode=ro", uri=True)
     try:
         return list(conn.execute(sql, args).fetchall())
     finally:
         conn.close()
 
 
-def token_used_at(broker: object, token: str) -> object:
-    """used_at of an enrollment token (looked up by its hash, the only form stored)."""
-    from broker.devices.onetime import secret_hash
+def count_rows(broker: RunningBroker, table: UncontractedTable, **equals: str) -> int:
+    """Rows of a table (whose column = value for each keyword), e.g. count_rows(b, "grants")."""
+    assert all(_COLUMN.fullmatch(column) for column in equals), equals
+    where = " AND ".join(f"{column} = ?" for column in equals)
+    sql = f"SELECT COUNT(*) FROM {table}" + (f" WHERE {where}" if where else "")
+    return int(uncontracted_rows(broker, sql, *equals.values())[0][0])
 
-    rows = db_rows(
-        broker, "SELECT used_at FROM enrollment_tokens WHERE token_hash = ?", secret_hash(token)
+
+def grant_rows(broker: RunningBroker, device_id: str) -> list[tuple[str, str, int | None]]:
+    """(user_id, role, expires_at) of every grant on the device, by user_id."""
+    rows = uncontracted_rows(
+        broker,
+        "SELECT user_id, role, expires_at FROM grants WHERE device_id = ? ORDER BY user_id",
+        device_id,
     )
-    assert len(rows) == 1, f"expected one token row, found {len(rows)}"
-    return rows[0][0]
+    return [(str(user_id), str(role), expires_at) for user_id, role, expires_at in rows]
 
 
-def device_row(broker: object, device_id: str) -> object:
-    """The devices record (via the store interface), or None."""
-    store = broker.store()  # type: ignore[attr-defined]
-    try:
-        with store.read() as tx:
-            return tx.get_device(device_id)
-    finally:
-        store.close()
-
-
-def cert_rows(broker: object, device_id: str) -> list[object]:
-    """Every certificates record of the device's SPIFFE ID, oldest first."""
-    store = broker.store()  # type: ignore[attr-defined]
-    try:
-        with store.read() as tx:
-            return list(tx.certificates_of(device_spiffe(device_id)))
-    finally:
-        store.close()
-
-
-def audit_entries(broker: object, action: str | None = None) -> list[object]:
-    store = broker.store()  # type: ignore[attr-defined]
-    try:
-        return [e for e in store.audit_entries() if action is None or e.action == action]
-    finally:
-        store.close()
+def db_rows(broker: RunningBroker, sql: str, *args: object) -> list[tuple[object, ...]]:
+    """The old name of uncontracted_rows, kept for test files written against it; prefer a
+    store read above, count_rows or grant_rows."""
+    return uncontracted_rows(broker, sql, *args)
 
 
 # -- users, app instances, claims and sessions (issue 3) -----------------------------------------
@@ -317,7 +491,7 @@ class AppCreds:
     user_id: str
     app_id: str
     spiffe_id: str
-    key: object
+    key: SigningKey
     chain_pem: str
 
     @property
@@ -336,21 +510,18 @@ class AppCreds:
         return cert_thumbprint(self.leaf.public_bytes(serialization.Encoding.DER))
 
     @property
-    def identity(self) -> object:
+    def identity(self) -> Identity:
         from broker.identity.spiffe import Identity, Kind
 
         return Identity(Kind.APP, TRUST_DOMAIN, self.user_id, self.app_id)
 
-    def channel(self, broker: object) -> grpc.Channel:
+    def channel(self, broker: RunningBroker) -> grpc.Channel:
         return mtls_channel(
-            broker.main,  # type: ignore[attr-defined]
-            broker.pki.ca_pem,  # type: ignore[attr-defined]
-            key_pem(self.key),
-            self.chain_pem.encode(),
+            broker.main, broker.pki.ca_pem, key_pem(self.key), self.chain_pem.encode()
         )
 
 
-def create_account(broker: object, username: str, password: str = PASSWORD) -> str:
+def create_account(broker: RunningBroker, username: str, password: str = PASSWORD) -> str:
     channel, stub = bootstrap_stub(broker)
     with channel:
         response = stub.CreateAccount(
@@ -360,7 +531,11 @@ def create_account(broker: object, username: str, password: str = PASSWORD) -> s
 
 
 def enroll_app(
-    broker: object, username: str, password: str = PASSWORD, *, key: object | None = None
+    broker: RunningBroker,
+    username: str,
+    password: str = PASSWORD,
+    *,
+    key: SigningKey | None = None,
 ) -> AppCreds:
     """Password login + CSR over the real bootstrap listener."""
     key = key or p256()
@@ -381,14 +556,14 @@ def enroll_app(
     )
 
 
-def new_user(broker: object, username: str, password: str = PASSWORD) -> AppCreds:
+def new_user(broker: RunningBroker, username: str, password: str = PASSWORD) -> AppCreds:
     """Sign up and enroll one app instance."""
     create_account(broker, username, password)
     return enroll_app(broker, username, password)
 
 
 def enroll_camera(
-    broker: object, operator_channel: grpc.Channel, device_id: str
+    broker: RunningBroker, operator_channel: grpc.Channel, device_id: str
 ) -> tuple[DeviceCreds, str]:
     """An enrolled device and the claim code the broker gave it."""
     key = p256()
@@ -397,8 +572,8 @@ def enroll_camera(
     return creds, str(response.claim_code)
 
 
-def app_call(broker: object, creds: AppCreds, method: str, request: object) -> object:
-    """One AppService RPC with creds over mutual TLS."""
+def app_call(broker: RunningBroker, creds: AppCreds, method: str, request: Message) -> Any:
+    """One AppService RPC with creds over mutual TLS (the response message of that RPC)."""
     from broker._proto.broker.v1 import app_pb2_grpc
 
     with creds.channel(broker) as channel:
@@ -406,44 +581,37 @@ def app_call(broker: object, creds: AppCreds, method: str, request: object) -> o
         return getattr(stub, method)(request, timeout=10)
 
 
-def claim_device(broker: object, creds: AppCreds, device_id: str, code: str) -> object:
-    from broker._proto.broker.v1 import app_pb2
-
+def claim_device(
+    broker: RunningBroker, creds: AppCreds, device_id: str, code: str
+) -> app_pb2.ClaimDeviceResponse:
     request = app_pb2.ClaimDeviceRequest(device_id=device_id, claim_code=code)
-    return app_call(broker, creds, "ClaimDevice", request)
+    response: app_pb2.ClaimDeviceResponse = app_call(broker, creds, "ClaimDevice", request)
+    return response
 
 
 def share_device(
-    broker: object, creds: AppCreds, device_id: str, username: str, expires_at: int = 0
-) -> object:
-    from broker._proto.broker.v1 import app_pb2
-
-    return app_call(
-        broker,
-        creds,
-        "ShareDevice",
-        app_pb2.ShareDeviceRequest(device_id=device_id, username=username, expires_at=expires_at),
+    broker: RunningBroker, creds: AppCreds, device_id: str, username: str, expires_at: int = 0
+) -> app_pb2.ShareDeviceResponse:
+    request = app_pb2.ShareDeviceRequest(
+        device_id=device_id, username=username, expires_at=expires_at
     )
+    response: app_pb2.ShareDeviceResponse = app_call(broker, creds, "ShareDevice", request)
+    return response
 
 
 def open_session(
-    broker: object, creds: AppCreds, device_id: str, eph: bytes = b"\x01" * 32
-) -> object:
-    from broker._proto.broker.v1 import app_pb2
-
-    return app_call(
-        broker,
-        creds,
-        "OpenSession",
-        app_pb2.OpenSessionRequest(device_id=device_id, app_ephemeral_public_key=eph),
-    )
+    broker: RunningBroker, creds: AppCreds, device_id: str, eph: bytes = b"\x01" * 32
+) -> app_pb2.OpenSessionResponse:
+    request = app_pb2.OpenSessionRequest(device_id=device_id, app_ephemeral_public_key=eph)
+    response: app_pb2.OpenSessionResponse = app_call(broker, creds, "OpenSession", request)
+    return response
 
 
 def retry_delay(error: grpc.RpcError) -> int:
     """Seconds of the google.rpc.RetryInfo detail in the error's grpc-status-details-bin."""
     from google.rpc import error_details_pb2, status_pb2
 
-    trailers = dict(error.trailing_metadata() or ())  # type: ignore[attr-defined]
+    trailers = dict(error.trailing_metadata() or ())
     raw = trailers.get("grpc-status-details-bin")
     assert raw, f"no status details in {trailers}"
     status = status_pb2.Status.FromString(raw)
@@ -455,40 +623,19 @@ def retry_delay(error: grpc.RpcError) -> int:
     return int(info.retry_delay.seconds)
 
 
-def grant_rows(broker: object, device_id: str) -> list[tuple[object, ...]]:
-    """(user_id, role, expires_at) of every grant on the device."""
-    return db_rows(
-        broker,
-        "SELECT user_id, role, expires_at FROM grants WHERE device_id = ? ORDER BY user_id",
-        device_id,
-    )
-
-
-def session_rows(broker: object, device_id: str) -> list[tuple[object, ...]]:
-    """(session_id, user_id, app_id, outcome, reason) of every session on the device."""
-    return db_rows(
-        broker,
-        "SELECT session_id, user_id, app_id, outcome, reason FROM sessions "
-        "WHERE device_id = ? ORDER BY opened_at, session_id",
-        device_id,
-    )
-
-
 # -- live streams (issue 4): SDK-level cameras and apps, polling --------------------------------
 
 
-def endpoints_of(broker: object) -> object:
+def endpoints_of(broker: RunningBroker) -> Endpoints:
     """The SDK's view of where a (possibly restarted) broker listens."""
-    from broker.client.device import Endpoints
-
-    return Endpoints(broker.bootstrap, broker.main)  # type: ignore[attr-defined]
+    return broker.endpoints
 
 
-def operator_channel_of(broker: object) -> grpc.Channel:
+def operator_channel_of(broker: RunningBroker) -> grpc.Channel:
     """An operator's mTLS channel to the main listener (for brokers started outside the fixture)."""
-    files = broker.pki.files  # type: ignore[attr-defined]
+    files = broker.pki.files
     return mtls_channel(
-        broker.main,  # type: ignore[attr-defined]
+        broker.main,
         files.ca_bundle.read_bytes(),
         files.operator_key.read_bytes(),
         files.operator_chain.read_bytes(),
@@ -496,105 +643,73 @@ def operator_channel_of(broker: object) -> grpc.Channel:
 
 
 async def sdk_app(
-    broker: object, state_dir: object, username: str, password: str = PASSWORD
-) -> object:
+    broker: RunningBroker, state_dir: Path, username: str, password: str = PASSWORD
+) -> AppClient:
     """An AppClient with a fresh account and one enrolled app instance."""
     from broker.client.app import AppClient
 
-    app = AppClient(state_dir, endpoints_of(broker), broker.pki.ca_pem)  # type: ignore[arg-type, attr-defined]
+    app = AppClient(state_dir, broker.endpoints, broker.pki.ca_pem)
     await app.create_account(username, password)
     await app.enroll(username, password, "phone")
     return app
 
 
 async def sdk_camera(
-    broker: object,
+    broker: RunningBroker,
     operator_channel: grpc.Channel,
-    state_dir: object,
+    state_dir: Path,
     device_id: str,
     *,
-    owner: object | None = None,
+    owner: AppClient | None = None,
     fps: float = 50,
     frame_bytes: int = 256,
-) -> object:
+) -> SimulatedCamera:
     """An enrolled SimulatedCamera (on the broker's clock), claimed by owner when given."""
     from broker.client.device import DeviceClient
     from broker.client.simcam import SimulatedCamera
 
-    client = DeviceClient(state_dir, endpoints_of(broker), broker.pki.ca_pem)  # type: ignore[arg-type, attr-defined]
+    client = DeviceClient(state_dir, broker.endpoints, broker.pki.ca_pem)
     state = await client.enroll(create_token(operator_channel, device_id))
     if owner is not None:
-        await owner.claim(device_id, state.claim_code)  # type: ignore[attr-defined]
-    return SimulatedCamera(client, fps=fps, frame_bytes=frame_bytes, clock=broker.clock)  # type: ignore[attr-defined]
+        await owner.claim(device_id, state.claim_code)
+    return SimulatedCamera(client, fps=fps, frame_bytes=frame_bytes, clock=broker.clock)
 
 
-async def start_camera(camera: object, timeout: float = 10) -> object:
+async def start_camera(camera: SimulatedCamera, timeout: float = 10) -> asyncio.Task[None]:
     """Run the camera in a task until it is attached; returns the task."""
-    import asyncio
-
-    task = asyncio.create_task(camera.run())  # type: ignore[attr-defined]
-    await asyncio.wait_for(camera.attached.wait(), timeout)  # type: ignore[attr-defined]
+    task = asyncio.create_task(camera.run())
+    await asyncio.wait_for(camera.attached.wait(), timeout)
     return task
 
 
-async def stop_task(task: object) -> None:
-    import asyncio
+async def stop_task(task: asyncio.Task[Any]) -> None:
     import contextlib
 
-    task.cancel()  # type: ignore[attr-defined]
+    task.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task  # type: ignore[misc]
+        await task
 
 
-async def eventually(check: object, timeout: float = 5.0, interval: float = 0.02) -> object:
+async def eventually(check: Callable[[], T], timeout: float = 5.0, interval: float = 0.02) -> T:
     """Poll check() (sync) until it returns something truthy; fail with its last value."""
-    import asyncio
     import time
 
     deadline = time.monotonic() + timeout
     while True:
-        value = check()  # type: ignore[operator]
+        value = check()
         if value or time.monotonic() > deadline:
             assert value, f"condition not met within {timeout}s: {value!r}"
             return value
         await asyncio.sleep(interval)
 
 
-def session_row(broker: object, session_id: str) -> tuple[object, ...] | None:
-    """(device_id, user_id, app_id, outcome, reason, bytes, ended_at) of one session."""
-    rows = db_rows(
-        broker,
-        "SELECT device_id, user_id, app_id, outcome, reason, bytes, ended_at FROM sessions "
-        "WHERE session_id = ?",
-        session_id,
-    )
-    return rows[0] if rows else None
-
-
-def session_audit(broker: object, session_id: str) -> list[tuple[str, dict[str, object]]]:
-    """(action, detail) of every audit entry that names the session, in order."""
-    return [
-        (e.action, dict(e.detail))  # type: ignore[attr-defined]
-        for e in audit_entries(broker)
-        if e.detail.get("session_id") == session_id  # type: ignore[attr-defined]
-    ]
-
-
-def claim_code_hash_of(broker: object, device_id: str) -> object:
-    """The stored hash of the device's current claim code (None once used)."""
-    rows = db_rows(broker, "SELECT claim_code_hash FROM devices WHERE device_id = ?", device_id)
-    return rows[0][0]
-
-
-def renew_app(broker: object, creds: AppCreds, key: object | None = None) -> AppCreds:
+def renew_app(broker: RunningBroker, creds: AppCreds, key: SigningKey | None = None) -> AppCreds:
     """AppService.RenewCertificate with creds; returns the new credentials."""
-    from broker._proto.broker.v1 import app_pb2
-
     key = key or p256()
-    response = app_call(
+    response: app_pb2.RenewAppCertificateResponse = app_call(
         broker, creds, "RenewCertificate", app_pb2.RenewAppCertificateRequest(csr_pem=csr_for(key))
     )
-    chain = str(response.certificate_chain_pem)  # type: ignore[attr-defined]
+    chain = str(response.certificate_chain_pem)
     return AppCreds(creds.user_id, creds.app_id, creds.spiffe_id, key, chain)
 
 
@@ -642,49 +757,53 @@ class OperatorSnapshot:
     chain_pem: bytes
 
     @classmethod
-    def of(cls, broker: object) -> OperatorSnapshot:
-        files = broker.pki.files  # type: ignore[attr-defined]
+    def of(cls, broker: RunningBroker) -> OperatorSnapshot:
+        files = broker.pki.files
         return cls(
             files.ca_bundle.read_bytes(),
             files.operator_key.read_bytes(),
             files.operator_chain.read_bytes(),
         )
 
-    def call(self, broker: object, method: str, request: object) -> object:
-        """One AdminService RPC on a new mutual-TLS connection with these credentials."""
-        channel = mtls_channel(broker.main, self.ca_pem, self.key_pem, self.chain_pem)  # type: ignore[attr-defined]
+    def call(self, broker: RunningBroker, method: str, request: Message) -> Any:
+        """One AdminService RPC on a new mutual-TLS connection with these credentials (the
+        response message of that RPC)."""
+        channel = mtls_channel(broker.main, self.ca_pem, self.key_pem, self.chain_pem)
         with channel:
             return getattr(admin_pb2_grpc.AdminServiceStub(channel), method)(request, timeout=10)
 
 
-def reload_pki(broker: object, operator: OperatorSnapshot | None = None) -> object:
+def reload_pki(
+    broker: RunningBroker, operator: OperatorSnapshot | None = None
+) -> admin_pb2.ReloadPkiResponse:
     """AdminService.ReloadPki, as `make rotate-*` ends."""
-    return (operator or OperatorSnapshot.of(broker)).call(
+    snapshot = operator or OperatorSnapshot.of(broker)
+    response: admin_pb2.ReloadPkiResponse = snapshot.call(
         broker, "ReloadPki", admin_pb2.ReloadPkiRequest()
     )
+    return response
 
 
-def rotation_status(broker: object) -> object:
-    return OperatorSnapshot.of(broker).call(
+def rotation_status(broker: RunningBroker) -> admin_pb2.RotationStatusResponse:
+    response: admin_pb2.RotationStatusResponse = OperatorSnapshot.of(broker).call(
         broker, "RotationStatus", admin_pb2.RotationStatusRequest()
     )
+    return response
 
 
 class Watcher:
     """An app watching one session in a background task: decrypted frames, end reason, errors."""
 
-    def __init__(self, app: object, ticket: object) -> None:
+    def __init__(self, app: AppClient, ticket: SessionTicket) -> None:
         self.app = app
         self.ticket = ticket
         self.frames: list[tuple[str, str, int]] = []
-        self.stream: object = None
+        self.stream: WatchStream | None = None
         self.end_reason: str | None = None
         self.error: BaseException | None = None
-        self.task: object = None
+        self.task: asyncio.Task[None] | None = None
 
     async def start(self, frames: int = 3) -> Watcher:
-        import asyncio
-
         self.task = asyncio.create_task(self._run())
         await self.wait_for(frames)
         return self
@@ -693,7 +812,7 @@ class Watcher:
         from broker.client.simcam import parse_payload
 
         try:
-            async with self.app.watch(self.ticket) as stream:  # type: ignore[attr-defined]
+            async with self.app.watch(self.ticket) as stream:
                 self.stream = stream
                 async for plaintext in stream.frames():
                     self.frames.append(parse_payload(plaintext))
@@ -711,10 +830,12 @@ class Watcher:
         """Still live; every frame came from the session's camera, in order; none rejected."""
         assert self.error is None and self.end_reason is None, (self.error, self.end_reason)
         ticket = self.ticket
-        assert {f[:2] for f in self.frames} == {(ticket.device_id, ticket.session_id)}  # type: ignore[attr-defined]
+        assert {f[:2] for f in self.frames} == {(ticket.device_id, ticket.session_id)}
         sequences = [f[2] for f in self.frames]
         assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences)
-        assert self.stream.rejected == 0, self.stream.mismatches  # type: ignore[attr-defined]
+        assert self.stream is not None, "never started watching"
+        assert self.stream.rejected == 0, self.stream.mismatches
 
     async def stop(self) -> None:
+        assert self.task is not None, "never started"
         await stop_task(self.task)

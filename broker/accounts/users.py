@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from broker.accounts.passwords import PasswordHasher, check_password_policy
 from broker.accounts.ratelimit import FailureLimiter
 from broker.audit.chain import AuditEvent
-from broker.clock import Clock
+from broker.audit.recorder import AuditRecorder
+from broker.audit.session_ends import end_sessions_audited
+from broker.clock import Clock, now_ms, now_s
 from broker.config import Config
-from broker.corebase import CoreService
 from broker.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -27,9 +28,10 @@ from broker.errors import (
     Unauthenticated,
 )
 from broker.identity.spiffe import Identity, Kind
+from broker.outcomes import Effects, EndSessions
 from broker.pki.ca import IssuedCertificate, IssuingAuthority
+from broker.pki.certbook import CertificateBook
 from broker.pki.csr import PublicKey, public_key_from_csr
-from broker.sessions.records import end_sessions_audited
 from broker.store import (
     AppRecord,
     DeviceState,
@@ -62,7 +64,16 @@ class AppEnrollment:
     issued: IssuedCertificate
 
 
-class Accounts(CoreService):
+@dataclass(frozen=True, slots=True)
+class AppRevoked:
+    """Outcome of revoking an app instance (or its sign-out)."""
+
+    user_id: str
+    sessions_ended: tuple[str, ...]
+    effects: Effects
+
+
+class Accounts:
     """Who the users are and which app instances speak for them."""
 
     def __init__(
@@ -73,7 +84,11 @@ class Accounts(CoreService):
         clock: Clock,
         hasher: PasswordHasher,
     ) -> None:
-        super().__init__(config, store, clock)
+        self._config = config
+        self._store = store
+        self._clock = clock
+        self._recorder = AuditRecorder(clock)
+        self._certs = CertificateBook(clock, self._recorder)
         self._ca = ca
         self._hasher = hasher
         self._per_user = FailureLimiter(
@@ -101,8 +116,8 @@ class Accounts(CoreService):
         with self._store.transaction() as tx:
             if tx.get_user_by_username(name) is not None:
                 raise AlreadyExists("that username is taken")
-            tx.insert_user(UserRecord(user_id, name, password_hash, self._now()))
-            self._audit(tx, AuditEvent("anonymous", "user.created", user_id, {"username": name}))
+            tx.insert_user(UserRecord(user_id, name, password_hash, now_s(self._clock)))
+            self._recorder.append(tx, AuditEvent("anonymous", "user.created", user_id, {"username": name}))
         return user_id
 
     # -- login -----------------------------------------------------------------------------------
@@ -125,7 +140,7 @@ class Accounts(CoreService):
             if name:
                 self._per_user.fail(name)
             with self._store.transaction() as tx:
-                self._audit(tx, AuditEvent("anonymous", "user.login.denied", name, {"peer": peer}))
+                self._recorder.append(tx, AuditEvent("anonymous", "user.login.denied", name, {"peer": peer}))
             raise Unauthenticated(LOGIN_FAILED)
         self._per_user.reset(name)
         return user
@@ -138,13 +153,13 @@ class Accounts(CoreService):
         app_id = new_id("a")
         identity = Identity(Kind.APP, self._config.trust_domain, user.user_id, app_id)
         with self._store.transaction() as tx:
-            if not self._key_is_free(tx, key, identity):
+            if not self._certs.key_is_free(tx, key, identity):
                 raise PermissionDenied(
                     "this public key already belongs to another identity: make a new key"
                 )
-            tx.insert_app(AppRecord(app_id, user.user_id, label, DeviceState.ACTIVE, self._now()))
+            tx.insert_app(AppRecord(app_id, user.user_id, label, DeviceState.ACTIVE, now_s(self._clock)))
             issued = self._issue(tx, identity, key)
-            self._audit(
+            self._recorder.append(
                 tx,
                 AuditEvent(
                     identity.spiffe_id,
@@ -162,11 +177,11 @@ class Accounts(CoreService):
             app = tx.get_app(caller.app_id)
             if app is None or app.state is not DeviceState.ACTIVE or app.user_id != caller.name:
                 raise Unauthenticated("app instance is signed out or revoked")
-            if not self._key_is_free(tx, key, caller):
+            if not self._certs.key_is_free(tx, key, caller):
                 raise PermissionDenied(
                     "this public key already belongs to another identity: make a new key"
                 )
-            issued = self._renew(
+            issued = self._certs.renew(
                 tx,
                 self._ca,
                 caller,
@@ -178,12 +193,12 @@ class Accounts(CoreService):
 
     def _issue(self, tx: Transaction, identity: Identity, key: PublicKey) -> IssuedCertificate:
         issued = self._ca.issue(key, identity, dt.timedelta(days=self._config.app_cert_days))
-        self._record_issued(tx, identity, issued, key)
+        self._certs.record_issued(tx, identity, issued, key)
         return issued
 
-    def revoke_app_by_id(self, actor: Identity, app_id: str, reason: str) -> tuple[str, list[str]]:
-        """Operator revocation of an app instance by id; returns (user_id, ended session ids)."""
-        from broker.identity.spiffe import ID_PATTERN
+    def revoke_app_by_id(self, actor: Identity, app_id: str, reason: str) -> AppRevoked:
+        """Operator revocation of an app instance by id."""
+        from broker.protocol.spiffe_id import ID_PATTERN
 
         if not ID_PATTERN.fullmatch(app_id):
             raise InvalidArgument("app_id must be 3-64 characters of a-z, 0-9 and '-'")
@@ -191,13 +206,12 @@ class Accounts(CoreService):
             app = tx.get_app(app_id)
         if app is None:
             raise NotFound(f"no app instance {app_id}")
-        return app.user_id, self.revoke_app(
-            actor, app.user_id, app_id, reason or "revoked by operator"
-        )
+        return self.revoke_app(actor, app.user_id, app_id, reason or "revoked by operator")
 
-    def revoke_app(self, actor: Identity, user_id: str, app_id: str, reason: str) -> list[str]:
-        """Revoke an app instance and its certificates; returns the ended session ids."""
-        now = self._now()
+    def revoke_app(self, actor: Identity, user_id: str, app_id: str, reason: str) -> AppRevoked:
+        """Revoke an app instance and its certificates (sign-out when actor is the app itself);
+        its live sessions end."""
+        now = now_s(self._clock)
         spiffe = Identity(Kind.APP, self._config.trust_domain, user_id, app_id).spiffe_id
         with self._store.transaction() as tx:
             app = tx.get_app(app_id)
@@ -208,8 +222,8 @@ class Accounts(CoreService):
             tx.revoke_app(app_id, now)
             serials = tx.revoke_certificates(spiffe, now, reason)
             open_ids = [s.session_id for s in tx.open_sessions(app_id=app_id)]
-            ended = end_sessions_audited(tx, open_ids, now, self._now_ms(), reason, actor.spiffe_id)
-            self._audit(
+            ended = end_sessions_audited(tx, open_ids, now, now_ms(self._clock), reason, actor.spiffe_id)
+            self._recorder.append(
                 tx,
                 AuditEvent(
                     actor.spiffe_id,
@@ -223,7 +237,17 @@ class Accounts(CoreService):
                     },
                 ),
             )
-        return ended
+        live_reason = (
+            "app instance signed out" if actor.spiffe_id == spiffe else "app instance revoked"
+        )
+        return AppRevoked(
+            user_id,
+            tuple(ended),
+            Effects(
+                end_sessions=(EndSessions(live_reason, tuple(ended), app_id=app_id),),
+                revocations_changed=True,
+            ),
+        )
 
 
 def check_label(label: str) -> str:

@@ -28,7 +28,6 @@ from broker.client.bundle import load_bundle
 from broker.client.device import ReenrollmentRequired, jittered_renewal, make_csr
 from broker.client.identity_dir import IdentityDir
 from broker.clock import Clock, SystemClock
-from broker.identity.spiffe import device
 from broker.protocol.e2e import (
     FrameRejected,
     HandshakeError,
@@ -37,6 +36,7 @@ from broker.protocol.e2e import (
     app_side,
     verify_device_chain,
 )
+from broker.protocol.spiffe_id import SpiffeId
 from broker.protocol.tokens import cert_thumbprint
 
 
@@ -84,23 +84,6 @@ class AppClient(IdentityDir):
     ) -> None:
         self._write_identity(key, chain_pem, asdict(state), bundle)
 
-    async def refresh_trust_bundle(self) -> bool:
-        """Fetch the broker's current trust bundle (over TLS verified with the pinned roots) and
-        keep it; returns whether it differs from the one held. Apps have no Attach stream to get
-        rotations pushed, so they refresh when a camera's chain does not verify."""
-        async with self._bootstrap() as ch:
-            response = await bootstrap_pb2_grpc.BootstrapStub(ch).GetTrustBundle(
-                bootstrap_pb2.GetTrustBundleRequest(), timeout=30
-            )
-        bundle = response.trust_bundle
-        if not bundle.ca_certificates_pem:
-            return False
-        held = load_bundle(self.trust_path).version if self.trust_path.exists() else ""
-        if bundle.version == held:
-            return False
-        self.save_trust_bundle(bundle)
-        return True
-
     # -- account -------------------------------------------------------------------------------
     async def create_account(self, username: str, password: str) -> str:
         """Sign up; returns the new user_id."""
@@ -112,7 +95,7 @@ class AppClient(IdentityDir):
 
     async def enroll(self, username: str, password: str, label: str = "") -> AppState:
         """Log in and get an app-instance certificate for a key made here."""
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = self.new_key()
         request = bootstrap_pb2.EnrollAppRequest(
             username=username, password=password, csr_pem=make_csr(key), label=label
         )
@@ -130,7 +113,7 @@ class AppClient(IdentityDir):
 
     async def renew(self) -> AppState:
         """New key, new certificate, same app instance."""
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = self.new_key()
         async with self.channel() as ch:
             response = await app_pb2_grpc.AppServiceStub(ch).RenewCertificate(
                 app_pb2.RenewAppCertificateRequest(csr_pem=make_csr(key)), timeout=30
@@ -270,8 +253,8 @@ class WatchStream:
     def _verify_hello(self, hello: app_pb2.StreamHello) -> Opener:
         ticket = self._ticket
         state = self._app.state
-        trust_domain = state.spiffe_id.removeprefix("spiffe://").split("/", 1)[0]
-        expected = device(trust_domain, ticket.device_id).spiffe_id
+        trust_domain = SpiffeId.parse(state.spiffe_id).trust_domain
+        expected = str(SpiffeId.device(trust_domain, ticket.device_id))
         if hello.session_id != ticket.session_id:
             raise HandshakeError("hello is for another session")
         leaf = verify_device_chain(

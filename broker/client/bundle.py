@@ -9,7 +9,7 @@ from pathlib import Path
 from cryptography import x509
 
 from broker._proto.broker.v1 import common_pb2
-from broker.pki.pemfile import write_atomic
+from broker.pemfile import write_atomic
 from broker.protocol.e2e import verify_issuing_cas
 
 

@@ -11,8 +11,8 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,8 +33,9 @@ from broker.client.channels import mtls_channel, tls_channel
 from broker.client.identity_dir import IdentityDir
 from broker.clock import Clock, SystemClock
 from broker.errors import PermissionDenied
-from broker.pki.pemfile import read_private_key
-from broker.protocol.e2e import Sealer, device_side
+from broker.pemfile import read_private_key
+from broker.protocol.e2e import HandshakeError, Sealer, device_side
+from broker.protocol.spiffe_id import SpiffeId
 from broker.protocol.tokens import SessionClaims, TokenVerifier, key_hash
 
 
@@ -159,10 +160,10 @@ class DeviceClient(IdentityDir):
         """The camera's own check of session tokens, against its own trust bundle and identity."""
         bundle = load_bundle(self.trust_path)
         state = self.state
-        trust_domain = state.spiffe_id.removeprefix("spiffe://").split("/", 1)[0]
+        trust_domain = SpiffeId.parse(state.spiffe_id).trust_domain
         return DeviceTokenVerifier(
             TokenVerifier(
-                bundle.jwks_json, f"spiffe://{trust_domain}/broker", clock or SystemClock()
+                bundle.jwks_json, str(SpiffeId.broker(trust_domain)), clock or SystemClock()
             ),
             state.spiffe_id,
         )
@@ -187,7 +188,7 @@ class DeviceClient(IdentityDir):
     # -- enrollment ----------------------------------------------------------------------------
     async def enroll(self, enrollment_token: str) -> DeviceState:
         """Enroll over the bootstrap listener with a one-time token."""
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = self.new_key()
         request = bootstrap_pb2.EnrollDeviceRequest(
             csr_pem=make_csr(key), enrollment_token=enrollment_token
         )
@@ -201,7 +202,7 @@ class DeviceClient(IdentityDir):
         self, birth_chain_pem: bytes, birth_key_pem: bytes
     ) -> DeviceState:
         """Enroll over the factory listener, proving identity with the factory birth certificate."""
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = self.new_key()
         request = bootstrap_pb2.EnrollDeviceRequest(csr_pem=make_csr(key))
         async with mtls_channel(
             self.endpoints.factory,
@@ -234,25 +235,39 @@ class DeviceClient(IdentityDir):
         reason = explain_handshake_failure(error, self.bundle_path.read_bytes(), chain)
         return error if reason is None else TlsHandshakeFailed(error, reason)
 
-    @contextmanager
-    def _clear_tls_failures(self) -> Iterator[None]:
+    @asynccontextmanager
+    async def _clear_tls_failures(self) -> AsyncIterator[None]:
         try:
             yield
         except grpc.aio.AioRpcError as error:
             clear = self.explained(error)
+            if clear is error and await self._bundle_was_stale(error):
+                clear = self.explained(error)  # judged again against the broker's current bundle
             if clear is error:
                 raise
             raise clear from error
 
+    async def _bundle_was_stale(self, error: grpc.aio.AioRpcError) -> bool:
+        """After the broker refused our handshake, fetch its current bundle (TLS verified with
+        the roots held); True when it differed. A retired root shows up only this way when the
+        bundle without it was never pushed (the stream it would have come on was ended)."""
+        details = error.details() or ""
+        refused_in_handshake = "failed to connect" in details and "Connection refused" not in details
+        if error.code() is not grpc.StatusCode.UNAVAILABLE or not refused_in_handshake:
+            return False  # a status the broker sent, or no broker listening: nothing to learn
+        try:
+            return await self.refresh_trust_bundle()
+        except grpc.aio.AioRpcError:
+            return False
+
     async def renew(self) -> DeviceState:
         """Get a new certificate (with a new key) for the same identity."""
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = self.new_key()
         request = device_pb2.RenewCertificateRequest(csr_pem=make_csr(key))
-        with self._clear_tls_failures():
-            async with self.channel() as ch:
-                response = await device_pb2_grpc.DeviceServiceStub(ch).RenewCertificate(
-                    request, timeout=30
-                )
+        async with self._clear_tls_failures(), self.channel() as ch:
+            response = await device_pb2_grpc.DeviceServiceStub(ch).RenewCertificate(
+                request, timeout=30
+            )
         old = self.state
         state = DeviceState(
             device_id=old.device_id,
@@ -307,7 +322,7 @@ class DeviceClient(IdentityDir):
         async with self.channel() as ch:
             call = device_pb2_grpc.DeviceServiceStub(ch).Attach()
             session = AttachSession(call, self)
-            with self._clear_tls_failures():
+            async with self._clear_tls_failures():
                 await session._write(
                     device_pb2.DeviceMessage(
                         hello=device_pb2.Hello(trust_bundle_version=self.state.trust_bundle_version)
@@ -315,7 +330,7 @@ class DeviceClient(IdentityDir):
                 )
             beats = asyncio.create_task(session.heartbeats(heartbeat_interval))
             try:
-                with self._clear_tls_failures():
+                async with self._clear_tls_failures():
                     yield session
             finally:
                 beats.cancel()
@@ -392,12 +407,24 @@ class AttachSession:
 
         Any failure is answered with a StreamReject and re-raised as PermissionDenied.
         """
+        state = self._client.state
         try:
             claims = self._client.token_verifier(clock).verify(start.token)
             if claims.session_id != start.session_id:
                 raise PermissionDenied("token was minted for another session")
             if key_hash(start.app_ephemeral_public_key) != claims.ephemeral_key_hash:
                 raise PermissionDenied("app key does not match the session token")
+            try:
+                device_ephemeral, signature, sealer = device_side(
+                    self._client.private_key(),
+                    start.session_id,
+                    state.spiffe_id,
+                    claims.user_id,
+                    claims.cnf_thumbprint,
+                    start.app_ephemeral_public_key,
+                )
+            except HandshakeError as failed:  # e.g. a low-order app key
+                raise PermissionDenied(failed.message) from None
         except PermissionDenied as refused:
             await self._write(
                 device_pb2.DeviceMessage(
@@ -407,15 +434,6 @@ class AttachSession:
                 )
             )
             raise
-        state = self._client.state
-        device_ephemeral, signature, sealer = device_side(
-            self._client.private_key(),
-            start.session_id,
-            state.spiffe_id,
-            claims.user_id,
-            claims.cnf_thumbprint,
-            start.app_ephemeral_public_key,
-        )
         await self._write(
             device_pb2.DeviceMessage(
                 stream_accept=device_pb2.StreamAccept(

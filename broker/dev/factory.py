@@ -8,14 +8,14 @@ from pathlib import Path
 
 from broker.clock import Clock
 from broker.identity.spiffe import validate_device_id
-from broker.pki.ca import PkiFiles, make_birth_certificate, new_key
-from broker.pki.pemfile import (
+from broker.pemfile import (
     cert_pem,
     read_certificates,
     read_private_key,
     write_atomic,
     write_private_key,
 )
+from broker.pki.ca import PkiFiles, make_birth_certificate, new_key
 
 
 @dataclass(frozen=True, slots=True)

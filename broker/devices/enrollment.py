@@ -14,9 +14,10 @@ from typing import NoReturn
 from cryptography import x509
 
 from broker.audit.chain import AuditEvent
-from broker.clock import Clock, unix
+from broker.audit.recorder import AuditRecorder
+from broker.audit.session_ends import end_sessions_audited
+from broker.clock import Clock, now_ms, now_s, unix
 from broker.config import Config
-from broker.corebase import CoreService
 from broker.devices.onetime import (
     ENROLLMENT_TOKEN_PREFIX,
     claim_code_hash,
@@ -32,10 +33,11 @@ from broker.errors import (
     Unauthenticated,
 )
 from broker.identity.spiffe import Identity, Kind, device, from_certificate, validate_device_id
+from broker.outcomes import Effects, EndAttach, EndSessions
+from broker.pemfile import read_certificates
 from broker.pki.ca import IssuedCertificate, IssuingAuthority, PkiFiles
+from broker.pki.certbook import CertificateBook
 from broker.pki.csr import PublicKey, public_key_from_csr, spki_sha256
-from broker.pki.pemfile import read_certificates
-from broker.sessions.records import end_sessions_audited
 from broker.store import (
     CertificateRecord,
     CertStatus,
@@ -69,18 +71,30 @@ class DeviceStatus:
     current_certificate: CertificateRecord | None
 
 
-class DeviceAuthority(CoreService):
+@dataclass(frozen=True, slots=True)
+class DeviceRevoked:
+    """Outcome of revoking a device: its revoked serials and what must end live."""
+
+    serials: tuple[str, ...]
+    effects: Effects
+
+
+class DeviceAuthority:
     """Decides who gets which device certificate, and whether a presented certificate still counts."""
 
     def __init__(self, config: Config, ca: IssuingAuthority, store: Store, clock: Clock) -> None:
-        super().__init__(config, store, clock)
+        self._config = config
+        self._store = store
+        self._clock = clock
+        self._recorder = AuditRecorder(clock)
+        self._certs = CertificateBook(clock, self._recorder)
         self._ca = ca
 
     # -- helpers -------------------------------------------------------------------------------
     def _deny(self, error: PermissionDenied | FailedPrecondition, event: AuditEvent) -> NoReturn:
         """Record a refusal in its own transaction (the refused one rolled back), then raise it."""
         with self._store.transaction() as tx:
-            self._audit(tx, event)
+            self._recorder.append(tx, event)
         raise error
 
     def create_enrollment_token(
@@ -94,7 +108,7 @@ class DeviceAuthority(CoreService):
                 f"ttl_seconds must be between 60 and {self._config.max_enrollment_token_ttl_seconds}"
             )
         token = new_enrollment_token()
-        now = self._now()
+        now = now_s(self._clock)
         with self._store.transaction() as tx:
             existing = tx.get_device(device_id)
             if existing is not None and existing.state is DeviceState.REVOKED:
@@ -106,7 +120,7 @@ class DeviceAuthority(CoreService):
                     secret_hash(token), device_id, now, now + ttl, actor.spiffe_id
                 )
             )
-            self._audit(
+            self._recorder.append(
                 tx,
                 AuditEvent(
                     actor.spiffe_id,
@@ -131,7 +145,7 @@ class DeviceAuthority(CoreService):
                 AuditEvent("anonymous", "device.enroll.denied", "", {"reason": "malformed token"}),
             )
         token_hash = secret_hash(token)
-        now = self._now()
+        now = now_s(self._clock)
         try:
             with self._store.transaction() as tx:
                 record = tx.consume_enrollment_token(token_hash, now)
@@ -182,7 +196,7 @@ class DeviceAuthority(CoreService):
         existing = tx.get_device(identity.name)
         if existing is not None and existing.state is DeviceState.REVOKED:
             return "device revoked"
-        if not self._key_is_free(tx, key, identity):
+        if not self._certs.key_is_free(tx, key, identity):
             return "key bound to another identity"
         return None
 
@@ -194,16 +208,16 @@ class DeviceAuthority(CoreService):
         if existing is None:
             tx.insert_device(
                 DeviceRecord(
-                    identity.name, DeviceState.ACTIVE, self._now(), via, claim_code_hash(claim_code)
+                    identity.name, DeviceState.ACTIVE, now_s(self._clock), via, claim_code_hash(claim_code)
                 )
             )
         elif existing.claim_code_hash is not None:
             tx.set_claim_code_hash(identity.name, claim_code_hash(claim_code))  # old code dies here
         else:
             claim_code = ""  # already owned: no claim code to hand out
-        self._record_issued(tx, identity, issued, key)
-        superseded = tx.supersede_certificates(identity.spiffe_id, issued.serial, self._now())
-        self._audit(
+        self._certs.record_issued(tx, identity, issued, key)
+        superseded = tx.supersede_certificates(identity.spiffe_id, issued.serial, now_s(self._clock))
+        self._recorder.append(
             tx,
             AuditEvent(
                 via if via.startswith("birth:") else "anonymous",
@@ -228,9 +242,9 @@ class DeviceAuthority(CoreService):
             record = tx.get_device(caller.name)
             if record is None or record.state is not DeviceState.ACTIVE:
                 raise Unauthenticated("device is not active")
-            if not self._key_is_free(tx, key, caller):
+            if not self._certs.key_is_free(tx, key, caller):
                 raise PermissionDenied(_refusal_message("key bound to another identity"))
-            issued = self._renew(
+            issued = self._certs.renew(
                 tx,
                 self._ca,
                 caller,
@@ -241,13 +255,13 @@ class DeviceAuthority(CoreService):
         return issued
 
     # -- revocation ------------------------------------------------------------------------------
-    def revoke_device(self, actor: Identity, device_id: str, reason: str) -> list[str]:
-        """Revoke the device and every certificate it holds; returns the revoked serials."""
+    def revoke_device(self, actor: Identity, device_id: str, reason: str) -> DeviceRevoked:
+        """Revoke the device and every certificate it holds; its sessions and Attach stream end."""
         validate_device_id(device_id)
         if len(reason) > 200:
             raise InvalidArgument("reason must be at most 200 characters")
         identity = device(self._config.trust_domain, device_id)
-        now = self._now()
+        now = now_s(self._clock)
         with self._store.transaction() as tx:
             record = tx.get_device(device_id)
             if record is not None and record.state is DeviceState.REVOKED:
@@ -267,9 +281,9 @@ class DeviceAuthority(CoreService):
             serials = tx.revoke_certificates(identity.spiffe_id, now, reason or "unspecified")
             open_ids = [r.session_id for r in tx.open_sessions(device_id=device_id)]
             ended = end_sessions_audited(
-                tx, open_ids, now, self._now_ms(), "device revoked", actor.spiffe_id
+                tx, open_ids, now, now_ms(self._clock), "device revoked", actor.spiffe_id
             )
-            self._audit(
+            self._recorder.append(
                 tx,
                 AuditEvent(
                     actor.spiffe_id,
@@ -283,7 +297,16 @@ class DeviceAuthority(CoreService):
                     },
                 ),
             )
-        return serials
+        return DeviceRevoked(
+            tuple(serials),
+            Effects(
+                end_sessions=(EndSessions("device revoked", tuple(ended), device_id=device_id),),
+                end_attach=(
+                    EndAttach(device_id, Unauthenticated("device certificate has been revoked")),
+                ),
+                revocations_changed=True,
+            ),
+        )
 
     # -- queries ---------------------------------------------------------------------------------
     def list_devices(self) -> list[DeviceStatus]:
@@ -321,19 +344,19 @@ class DeviceAuthority(CoreService):
     def audit(self, event: AuditEvent) -> None:
         """Append one audit entry in its own transaction."""
         with self._store.transaction() as tx:
-            self._audit(tx, event)
+            self._recorder.append(tx, event)
 
     def record_presence(self, device_id: str, trust_bundle_version: str) -> None:
         """Remember that the device attached now holding that trust bundle version."""
         with self._store.transaction() as tx:
-            tx.record_presence(device_id, self._now(), trust_bundle_version)
+            tx.record_presence(device_id, now_s(self._clock), trust_bundle_version)
 
     # -- per-call certificate check (I1, I7) -------------------------------------------------------
     def check_presented(
         self, identity: Identity, cert: x509.Certificate, serial: str, fp: str
     ) -> None:
         """Refuse a verified peer certificate this broker did not issue or no longer honours."""
-        now = self._now()
+        now = now_s(self._clock)
         if unix(cert.not_valid_after_utc) <= now:
             raise Unauthenticated("certificate has expired: renew or re-enroll")
         if unix(cert.not_valid_before_utc) > now:
@@ -398,11 +421,11 @@ class DeviceAuthority(CoreService):
                     not_before=unix(cert.not_valid_before_utc),
                     not_after=unix(cert.not_valid_after_utc),
                     status=CertStatus.ACTIVE,
-                    issued_at=self._now(),
+                    issued_at=now_s(self._clock),
                     issuer_ski=authority_key_id(cert),
                 )
             )
-            self._audit(
+            self._recorder.append(
                 tx,
                 AuditEvent(
                     actor,

@@ -9,13 +9,14 @@ from dataclasses import dataclass
 
 from broker.accounts.ratelimit import FailureLimiter
 from broker.audit.chain import AuditEvent
-from broker.clock import Clock
+from broker.audit.recorder import AuditRecorder
+from broker.audit.session_ends import end_sessions_audited
+from broker.clock import Clock, now_ms, now_s
 from broker.config import Config
-from broker.corebase import CoreService
 from broker.devices.onetime import claim_code_hash, new_claim_code
 from broker.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from broker.identity.spiffe import Identity, Kind, validate_device_id
-from broker.sessions.records import end_sessions_audited
+from broker.outcomes import Effects, EndSessions
 from broker.store import DeviceRecord, DeviceState, GrantRecord, Role, Store, Transaction
 
 CLAIM_REFUSED = "claim code is wrong, already used, or the device is already claimed"
@@ -29,11 +30,31 @@ class DeviceAccess:
     device: DeviceRecord
 
 
-class Ownership(CoreService):
+@dataclass(frozen=True, slots=True)
+class OwnershipReset:
+    """Outcome of a factory reset: the new claim code and what must end live."""
+
+    claim_code: str
+    sessions_ended: tuple[str, ...]
+    effects: Effects
+
+
+@dataclass(frozen=True, slots=True)
+class ShareRevoked:
+    """Outcome of withdrawing a share."""
+
+    sessions_ended: tuple[str, ...]
+    effects: Effects
+
+
+class Ownership:
     """Grants of devices to users."""
 
     def __init__(self, config: Config, store: Store, clock: Clock) -> None:
-        super().__init__(config, store, clock)
+        self._config = config
+        self._store = store
+        self._clock = clock
+        self._recorder = AuditRecorder(clock)
         self._claims_per_user = FailureLimiter(
             clock,
             config.claim_failures_per_user,
@@ -56,9 +77,9 @@ class Ownership(CoreService):
         with self._store.transaction() as tx:
             if claim_code and tx.claim_device(device_id, claim_code_hash(claim_code)):
                 tx.insert_grant(
-                    GrantRecord(device_id, caller.name, Role.OWNER, caller.spiffe_id, self._now())
+                    GrantRecord(device_id, caller.name, Role.OWNER, caller.spiffe_id, now_s(self._clock))
                 )
-                self._audit(
+                self._recorder.append(
                     tx,
                     AuditEvent(
                         caller.spiffe_id, "device.claimed", device_id, {"user_id": caller.name}
@@ -68,7 +89,7 @@ class Ownership(CoreService):
         self._claims_per_user.fail(caller.name)
         self._claims_per_device.fail(device_id)
         with self._store.transaction() as tx:
-            self._audit(
+            self._recorder.append(
                 tx,
                 AuditEvent(
                     caller.spiffe_id, "device.claim.denied", device_id, {"user_id": caller.name}
@@ -76,10 +97,10 @@ class Ownership(CoreService):
             )
         raise PermissionDenied(CLAIM_REFUSED)
 
-    def reset(self, device: Identity) -> tuple[str, list[str]]:
+    def reset(self, device: Identity) -> OwnershipReset:
         """Factory reset: drop owner and shares, end their sessions, issue a new claim code."""
         code = new_claim_code()
-        now = self._now()
+        now = now_s(self._clock)
         with self._store.transaction() as tx:
             record = tx.get_device(device.name)
             if record is None or record.state is not DeviceState.ACTIVE:
@@ -88,9 +109,9 @@ class Ownership(CoreService):
             tx.set_claim_code_hash(device.name, claim_code_hash(code))
             open_ids = [s.session_id for s in tx.open_sessions(device_id=device.name)]
             ended = end_sessions_audited(
-                tx, open_ids, now, self._now_ms(), "ownership reset", device.spiffe_id
+                tx, open_ids, now, now_ms(self._clock), "ownership reset", device.spiffe_id
             )
-            self._audit(
+            self._recorder.append(
                 tx,
                 AuditEvent(
                     device.spiffe_id,
@@ -102,7 +123,13 @@ class Ownership(CoreService):
                     },
                 ),
             )
-        return code, ended
+        return OwnershipReset(
+            code,
+            tuple(ended),
+            Effects(
+                end_sessions=(EndSessions("ownership reset", tuple(ended), device_id=device.name),)
+            ),
+        )
 
     # -- shares ----------------------------------------------------------------------------------
     def _require_owner(self, tx: Transaction, caller: Identity, device_id: str) -> None:
@@ -116,7 +143,7 @@ class Ownership(CoreService):
 
         validate_device_id(device_id)
         name = normalize_username(username)
-        now = self._now()
+        now = now_s(self._clock)
         if expires_at and expires_at <= now:
             raise InvalidArgument("expires_at must be in the future (or 0 for no expiry)")
         with self._store.transaction() as tx:
@@ -132,7 +159,7 @@ class Ownership(CoreService):
                     device_id, user.user_id, Role.VIEWER, caller.spiffe_id, now, expires_at or None
                 )
             )
-            self._audit(
+            self._recorder.append(
                 tx,
                 AuditEvent(
                     caller.spiffe_id,
@@ -143,8 +170,8 @@ class Ownership(CoreService):
             )
         return user.user_id
 
-    def revoke_share(self, caller: Identity, device_id: str, username: str) -> list[str]:
-        """Withdraw a VIEWER grant; returns the ended session ids of that viewer on the device."""
+    def revoke_share(self, caller: Identity, device_id: str, username: str) -> ShareRevoked:
+        """Withdraw a VIEWER grant; that viewer's sessions on the device end."""
         from broker.accounts.users import normalize_username
 
         validate_device_id(device_id)
@@ -160,9 +187,9 @@ class Ownership(CoreService):
                 s.session_id for s in tx.open_sessions(device_id=device_id, user_id=user.user_id)
             ]
             ended = end_sessions_audited(
-                tx, open_ids, self._now(), self._now_ms(), "share revoked", caller.spiffe_id
+                tx, open_ids, now_s(self._clock), now_ms(self._clock), "share revoked", caller.spiffe_id
             )
-            self._audit(
+            self._recorder.append(
                 tx,
                 AuditEvent(
                     caller.spiffe_id,
@@ -171,12 +198,21 @@ class Ownership(CoreService):
                     {"user_id": user.user_id, "sessions_ended": ended},
                 ),
             )
-        return ended
+        return ShareRevoked(
+            tuple(ended),
+            Effects(
+                end_sessions=(
+                    EndSessions(
+                        "share revoked", tuple(ended), device_id=device_id, user_id=user.user_id
+                    ),
+                )
+            ),
+        )
 
     # -- queries ---------------------------------------------------------------------------------
     def devices_of(self, caller: Identity) -> list[DeviceAccess]:
         """Devices the caller's user owns or holds an unexpired share on."""
-        now = self._now()
+        now = now_s(self._clock)
         with self._store.read() as tx:
             result = []
             for grant in tx.grants_of_user(caller.name):

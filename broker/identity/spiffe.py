@@ -7,18 +7,19 @@ Anything but exactly one well-formed URI SAN in our trust domain is refused.
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass
 
 from cryptography import x509
 
 from broker.errors import InvalidArgument, Unauthenticated
-
-# Device, user and app IDs end up inside URI paths and file names: a fixed lowercase alphabet
-# (no dots, no slashes, no percent-escapes) so two spellings can never name the same party.
-ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{2,63}$")
-OPERATOR_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-TRUST_DOMAIN_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,253}[a-z0-9])?$")
+from broker.protocol.spiffe_id import (
+    ID_PATTERN,
+    OPERATOR_PATTERN,
+    TRUST_DOMAIN_PATTERN,
+    MalformedSpiffeId,
+    SpiffeId,
+    single_uri_san,
+)
 
 
 class Kind(enum.Enum):
@@ -38,7 +39,8 @@ class Kind(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """A verified party. ``name`` is the device_id, operator name, or user_id for apps."""
+    """A verified party. ``name`` is its primary id; prefer the accessors that say which one
+    (``device_id``, ``user_id``, ``operator_name``), which refuse the wrong kind."""
 
     kind: Kind
     trust_domain: str
@@ -46,17 +48,42 @@ class Identity:
     app_id: str = ""
 
     @property
+    def spiffe(self) -> SpiffeId | None:
+        """The typed SPIFFE ID (None for anonymous and birth-certificate callers)."""
+        td = self.trust_domain
+        match self.kind:
+            case Kind.DEVICE:
+                return SpiffeId.device(td, self.name)
+            case Kind.APP:
+                return SpiffeId.app(td, self.name, self.app_id)
+            case Kind.OPERATOR:
+                return SpiffeId.operator(td, self.name)
+            case Kind.BROKER:
+                return SpiffeId.broker(td)
+        return None
+
+    @property
     def spiffe_id(self) -> str:
-        base = f"spiffe://{self.trust_domain}"
-        if self.kind is Kind.DEVICE:
-            return f"{base}/device/{self.name}"
-        if self.kind is Kind.APP:
-            return f"{base}/user/{self.name}/app/{self.app_id}"
-        if self.kind is Kind.OPERATOR:
-            return f"{base}/operator/{self.name}"
-        if self.kind is Kind.BROKER:
-            return f"{base}/broker"
-        return ""
+        """The SPIFFE ID as text ('' for parties that have none)."""
+        spiffe = self.spiffe
+        return "" if spiffe is None else str(spiffe)
+
+    @property
+    def device_id(self) -> str:
+        return self._named(Kind.DEVICE, Kind.BIRTH)
+
+    @property
+    def user_id(self) -> str:
+        return self._named(Kind.APP)
+
+    @property
+    def operator_name(self) -> str:
+        return self._named(Kind.OPERATOR)
+
+    def _named(self, *kinds: Kind) -> str:
+        if self.kind not in kinds:
+            raise TypeError(f"a {self.kind.value} identity has no such name")
+        return self.name
 
 
 ANONYMOUS = Identity(Kind.ANONYMOUS, "", "")
@@ -102,34 +129,20 @@ def broker(trust_domain: str) -> Identity:
 
 def parse_spiffe_id(uri: str, trust_domain: str) -> Identity:
     """Parse a SPIFFE ID of our trust domain into an Identity; raise Unauthenticated otherwise."""
-    prefix = f"spiffe://{trust_domain}/"
-    if not uri.startswith(prefix):
+    if not uri.startswith(f"spiffe://{trust_domain}/"):
         raise Unauthenticated("certificate identity is not in this broker's trust domain")
-    parts = uri[len(prefix) :].split("/")
-    match parts:
-        case ["device", device_id] if ID_PATTERN.fullmatch(device_id):
-            return Identity(Kind.DEVICE, trust_domain, device_id)
-        case ["user", user_id, "app", app_id] if ID_PATTERN.fullmatch(
-            user_id
-        ) and ID_PATTERN.fullmatch(app_id):
-            return Identity(Kind.APP, trust_domain, user_id, app_id)
-        case ["operator", name] if OPERATOR_PATTERN.fullmatch(name):
-            return Identity(Kind.OPERATOR, trust_domain, name)
-        case ["broker"]:
-            return Identity(Kind.BROKER, trust_domain, "broker")
-    raise Unauthenticated("certificate URI SAN is not a recognised SPIFFE ID")
-
-
-def single_uri_san(cert: x509.Certificate) -> str:
-    """The certificate's one URI SAN; Unauthenticated unless there is exactly one."""
     try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        raise Unauthenticated("certificate has no subject alternative name") from None
-    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    if len(uris) != 1:
-        raise Unauthenticated("certificate must carry exactly one URI SAN")
-    return uris[0]
+        spiffe = SpiffeId.parse(uri)
+    except MalformedSpiffeId:
+        raise Unauthenticated("certificate URI SAN is not a recognised SPIFFE ID") from None
+    match spiffe.kind:
+        case "device":
+            return Identity(Kind.DEVICE, trust_domain, spiffe.device_id)
+        case "app":
+            return Identity(Kind.APP, trust_domain, spiffe.user_id, spiffe.app_id)
+        case "operator":
+            return Identity(Kind.OPERATOR, trust_domain, spiffe.operator_name)
+    return Identity(Kind.BROKER, trust_domain, "broker")
 
 
 def from_certificate(cert: x509.Certificate, trust_domain: str) -> Identity:

@@ -24,8 +24,8 @@ from broker.clock import Clock
 from broker.config import Config
 from broker.errors import ConfigurationError
 from broker.identity.spiffe import Identity, Kind
+from broker.pemfile import cert_pem, read_certificates, read_private_key, write_private_key
 from broker.pki.csr import PublicKey
-from broker.pki.pemfile import cert_pem, read_certificates, read_private_key, write_private_key
 
 BACKDATE = dt.timedelta(minutes=5)  # tolerate small clock skew on devices
 ROOT_LIFETIME = dt.timedelta(days=3650)
@@ -148,6 +148,11 @@ def key_tag(key: ec.EllipticCurvePrivateKey) -> str:
 def subject_key_id(cert: x509.Certificate) -> str:
     """Hex SubjectKeyIdentifier of a CA certificate."""
     return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+
+
+def renewal_due_at(not_before: dt.datetime, not_after: dt.datetime) -> dt.datetime:
+    """When a certificate is due for renewal: RENEW_FRACTION of its lifetime."""
+    return not_before + (not_after - not_before) * RENEW_FRACTION
 
 
 def authority_key_id(cert: x509.Certificate) -> str:
@@ -373,9 +378,7 @@ class IssuingAuthority:
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
             .sign(self._key, hashes.SHA256())
         )
-        renew_after = (
-            now.replace(microsecond=0) + (not_after - now.replace(microsecond=0)) * RENEW_FRACTION
-        )
+        renew_after = renewal_due_at(now.replace(microsecond=0), not_after)
         chain = cert_pem(cert).decode("ascii") + self._cert_pem
         return IssuedCertificate(
             cert, chain, serial_hex(serial), not_before, not_after, renew_after, self.ski
@@ -471,7 +474,7 @@ def _write_cert(path: Path, cert: x509.Certificate, created: list[Path]) -> None
 
 
 def _write_text(path: Path, text: str, created: list[Path]) -> None:
-    from broker.pki.pemfile import write_atomic
+    from broker.pemfile import write_atomic
 
     write_atomic(path, text.encode("ascii"))
     created.append(path)

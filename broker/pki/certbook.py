@@ -1,40 +1,34 @@
-"""What the core authorities share: config, store, clock, audit appends, issuance records."""
+"""The store's book of issued certificates: recording issuance and renewal, key ownership (I2).
+
+Shared by the device authority and accounts by composition: each holds a CertificateBook.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 
 from broker.audit.chain import AuditEvent
-from broker.clock import Clock, unix
-from broker.config import Config
+from broker.audit.recorder import AuditRecorder
+from broker.clock import Clock, now_s, unix
 from broker.identity.spiffe import Identity
 from broker.pki.ca import IssuedCertificate, IssuingAuthority
 from broker.pki.csr import PublicKey, spki_sha256
-from broker.store import CertificateRecord, CertStatus, Store, Transaction
+from broker.store import CertificateRecord, CertStatus, Transaction
 
 
-class CoreService:
-    """Base of DeviceAuthority, Accounts and Ownership."""
+class CertificateBook:
+    """Records certificates in the transaction that decided to issue them."""
 
-    def __init__(self, config: Config, store: Store, clock: Clock) -> None:
-        self._config = config
-        self._store = store
+    def __init__(self, clock: Clock, recorder: AuditRecorder) -> None:
         self._clock = clock
+        self._recorder = recorder
 
-    def _now(self) -> int:
-        return unix(self._clock.now())
-
-    def _now_ms(self) -> int:
-        return int(self._clock.now().timestamp() * 1000)
-
-    def _audit(self, tx: Transaction, event: AuditEvent) -> None:
-        tx.append_audit(event, self._now_ms())
-
-    def _key_is_free(self, tx: Transaction, key: PublicKey, identity: Identity) -> bool:
+    @staticmethod
+    def key_is_free(tx: Transaction, key: PublicKey, identity: Identity) -> bool:
         """Whether no other identity already holds this public key."""
         return tx.subjects_with_key(spki_sha256(key)) <= {identity.spiffe_id}
 
-    def _renew(
+    def renew(
         self,
         tx: Transaction,
         ca: IssuingAuthority,
@@ -45,9 +39,9 @@ class CoreService:
     ) -> IssuedCertificate:
         """Issue and record a new certificate for caller, supersede its others, audit it."""
         issued = ca.issue(key, caller, lifetime)
-        self._record_issued(tx, caller, issued, key)
-        superseded = tx.supersede_certificates(caller.spiffe_id, issued.serial, self._now())
-        self._audit(
+        self.record_issued(tx, caller, issued, key)
+        superseded = tx.supersede_certificates(caller.spiffe_id, issued.serial, now_s(self._clock))
+        self._recorder.append(
             tx,
             AuditEvent(
                 caller.spiffe_id,
@@ -58,7 +52,7 @@ class CoreService:
         )
         return issued
 
-    def _record_issued(
+    def record_issued(
         self, tx: Transaction, identity: Identity, issued: IssuedCertificate, key: PublicKey
     ) -> None:
         """Store a certificate just issued, in the transaction that decided to issue it."""
@@ -73,7 +67,7 @@ class CoreService:
                 not_before=unix(issued.not_before),
                 not_after=unix(issued.not_after),
                 status=CertStatus.ACTIVE,
-                issued_at=self._now(),
+                issued_at=now_s(self._clock),
                 issuer_ski=issued.issuer_ski,
             )
         )

@@ -14,8 +14,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from broker.clock import Clock, unix
+from broker.pemfile import read_certificates, read_private_key
 from broker.pki.ca import PkiFiles, subject_key_id
-from broker.pki.pemfile import read_certificates, read_private_key
 from broker.store import CertificateRecord, Store
 
 NEXT_UPDATE = dt.timedelta(days=7)

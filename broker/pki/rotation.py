@@ -23,6 +23,14 @@ from broker.clock import Clock, unix
 from broker.config import Config
 from broker.errors import ConfigurationError, FailedPrecondition
 from broker.identity.spiffe import broker as broker_identity
+from broker.pemfile import (
+    PRIVATE_MODE,
+    cert_pem,
+    read_certificates,
+    read_private_key,
+    replace_private_key,
+    write_atomic,
+)
 from broker.pki.ca import (
     IssuedCertificate,
     PkiFiles,
@@ -36,16 +44,9 @@ from broker.pki.ca import (
     serial_hex,
     subject_key_id,
 )
-from broker.pki.pemfile import (
-    PRIVATE_MODE,
-    cert_pem,
-    read_certificates,
-    read_private_key,
-    replace_private_key,
-    write_atomic,
-)
+from broker.protocol.spiffe_id import SpiffeId
 from broker.protocol.tokens import TokenKeyring
-from broker.store import CertStatus, DeviceState, Store
+from broker.store import CertStatus, DeviceRecord, DeviceState, Store, Transaction
 
 SERVER_IPS = ("127.0.0.1", "::1")
 
@@ -278,6 +279,43 @@ def retiring_issuing(files: PkiFiles) -> list[x509.Certificate]:
     return [c for c in previous_issuing(files) if _issued_by_any(c, old_roots)]
 
 
+@dataclass(frozen=True, slots=True)
+class BundleAdoption:
+    """How far the fleet has taken up the current trust bundle (``make rotation-status``)."""
+
+    active: int
+    online: int
+    current: int
+    online_current: int
+    lagging: list[str]
+    root_rotation_pending: bool
+
+
+def _active_devices(tx: Transaction) -> list[DeviceRecord]:
+    return [d for d in tx.list_devices() if d.state is DeviceState.ACTIVE]
+
+
+def _stale(devices: list[DeviceRecord], current_version: str) -> list[str]:
+    return sorted(d.device_id for d in devices if d.trust_bundle_version != current_version)
+
+
+def bundle_adoption(
+    files: PkiFiles, store: Store, current_version: str, online: set[str]
+) -> BundleAdoption:
+    """Active devices holding the current bundle, online or not, and those that lag."""
+    with store.read() as tx:
+        active = _active_devices(tx)
+    current = [d for d in active if d.trust_bundle_version == current_version]
+    return BundleAdoption(
+        active=len(active),
+        online=sum(d.device_id in online for d in active),
+        current=len(current),
+        online_current=sum(d.device_id in online for d in current),
+        lagging=_stale(active, current_version),
+        root_rotation_pending=cross_cert_path(files).exists(),
+    )
+
+
 def lagging_devices(
     files: PkiFiles, store: Store, current_version: str, trust_domain: str
 ) -> Lagging:
@@ -285,16 +323,16 @@ def lagging_devices(
     issued by an issuing CA under a root about to be retired."""
     retiring = {subject_key_id(c) for c in retiring_issuing(files)}
     with store.read() as tx:
-        devices = [d for d in tx.list_devices() if d.state is DeviceState.ACTIVE]
-        stale = sorted(d.device_id for d in devices if d.trust_bundle_version != current_version)
+        devices = _active_devices(tx)
+        stale = _stale(devices, current_version)
         old_chain = []
         for d in devices:
-            certs = tx.certificates_of(f"spiffe://{trust_domain}/device/{d.device_id}")
+            certs = tx.certificates_of(str(SpiffeId.device(trust_domain, d.device_id)))
             if any(c.status is CertStatus.ACTIVE and c.issuer_ski in retiring for c in certs):
                 old_chain.append(d.device_id)
         # App instances too: one still on an old-root certificate would be locked out.
         apps = sorted(
-            c.spiffe_id.rsplit("/", 1)[-1]
+            SpiffeId.parse(c.spiffe_id).app_id
             for c in tx.active_certificates_issued_by(retiring)
             if c.kind == "app"
         )

@@ -20,7 +20,7 @@ from jwt.algorithms import ECAlgorithm
 
 from broker.clock import Clock, unix
 from broker.errors import ConfigurationError, PermissionDenied
-from broker.pki.pemfile import read_private_key, write_atomic, write_private_key
+from broker.pemfile import read_private_key, write_atomic, write_private_key
 
 ALGORITHM = "ES256"
 SCOPE_VIEW = "stream:view"

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import grpc
 
 from broker._proto.broker.v1 import admin_pb2, admin_pb2_grpc
-from broker.errors import Unauthenticated
 from broker.pki.ca import PkiFiles
-from broker.pki.rotation import cross_cert_path
+from broker.pki.rotation import bundle_adoption
+from broker.service.effects import EffectsApplier
 from broker.service.interceptor import current_caller
 from broker.service.runtime import Runtime
 
@@ -17,9 +15,9 @@ from broker.service.runtime import Runtime
 class AdminService(admin_pb2_grpc.AdminServiceServicer):
     """Thin handlers over the device authority."""
 
-    def __init__(self, runtime: Runtime, reload_pki: Callable[[], tuple[bool, int]]) -> None:
+    def __init__(self, runtime: Runtime, effects: EffectsApplier) -> None:
         self._rt = runtime
-        self._reload_pki = reload_pki
+        self._effects = effects
 
     async def CreateEnrollmentToken(
         self, request: admin_pb2.CreateEnrollmentTokenRequest, context: grpc.aio.ServicerContext
@@ -37,19 +35,17 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     async def RevokeDevice(
         self, request: admin_pb2.RevokeDeviceRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RevokeDeviceResponse:
-        serials = await self._rt.run(
+        revoked = await self._rt.run(
             self._rt.devices.revoke_device,
             current_caller().identity,
             request.device_id,
             request.reason,
         )
-        self._rt.relay.end_where("device revoked", device_id=request.device_id)
-        self._rt.invalidate_crl()
-        closed = self._rt.presence.end_device(
-            request.device_id, Unauthenticated("device certificate has been revoked")
-        )
+        applied = self._effects.apply(revoked.effects)
         return admin_pb2.RevokeDeviceResponse(
-            device_id=request.device_id, revoked_serials=serials, attach_streams_closed=closed
+            device_id=request.device_id,
+            revoked_serials=revoked.serials,
+            attach_streams_closed=applied.attach_streams_closed,
         )
 
     async def ListDevices(
@@ -77,49 +73,50 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     async def RevokeAppInstance(
         self, request: admin_pb2.RevokeAppInstanceRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RevokeAppInstanceResponse:
-        user_id, ended = await self._rt.run(
+        revoked = await self._rt.run(
             self._rt.accounts.revoke_app_by_id,
             current_caller().identity,
             request.app_id,
             request.reason,
         )
-        self._rt.relay.end_many(ended, "app instance revoked")
-        self._rt.relay.end_where("app instance revoked", app_id=request.app_id)
-        self._rt.invalidate_crl()
+        self._effects.apply(revoked.effects)
         return admin_pb2.RevokeAppInstanceResponse(
-            app_id=request.app_id, user_id=user_id, sessions_ended=len(ended)
+            app_id=request.app_id,
+            user_id=revoked.user_id,
+            sessions_ended=len(revoked.sessions_ended),
         )
 
     async def ReloadPki(
         self, request: admin_pb2.ReloadPkiRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ReloadPkiResponse:
-        changed, notified = await self._rt.run(self._reload_pki)
-        self._rt.invalidate_crl()
-        bundle = self._rt.trust_bundle
+        # Read on the core thread; applied here, on the event loop (bundle push, stale streams).
+        reloaded = await self._rt.run(self._rt.pki.reload, self._rt.trust_bundle.version)
+        applied = self._effects.apply(reloaded.effects)
         return admin_pb2.ReloadPkiResponse(
-            trust_bundle_version=bundle.version,
-            bundle_changed=changed,
-            cameras_notified=notified,
-            issuing_ca_serial=self._rt.devices.issuing_serial(),
+            trust_bundle_version=reloaded.bundle.version,
+            bundle_changed=reloaded.effects.trust is not None and reloaded.effects.trust.changed,
+            cameras_notified=applied.cameras_notified,
+            issuing_ca_serial=reloaded.issuing_serial,
         )
 
     async def RotationStatus(
         self, request: admin_pb2.RotationStatusRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RotationStatusResponse:
-        statuses = await self._rt.run(self._rt.devices.list_devices)
-        version = self._rt.trust_bundle.version
-        online = self._rt.presence.online_ids()
-        active = [s.record for s in statuses if s.record.state.value == "active"]
-        current = [d for d in active if d.trust_bundle_version == version]
-        lagging = sorted(d.device_id for d in active if d.trust_bundle_version != version)
+        status = await self._rt.run(
+            bundle_adoption,
+            PkiFiles(self._rt.config.certs_dir),
+            self._rt.store,
+            self._rt.trust_bundle.version,
+            self._rt.presence.online_ids(),
+        )
         return admin_pb2.RotationStatusResponse(
-            trust_bundle_version=version,
-            active_devices=len(active),
-            online_devices=sum(d.device_id in online for d in active),
-            devices_with_current_bundle=len(current),
-            online_with_current_bundle=sum(d.device_id in online for d in current),
-            lagging_device_ids=lagging[:100],
-            root_rotation_pending=cross_cert_path(PkiFiles(self._rt.config.certs_dir)).exists(),
+            trust_bundle_version=self._rt.trust_bundle.version,
+            active_devices=status.active,
+            online_devices=status.online,
+            devices_with_current_bundle=status.current,
+            online_with_current_bundle=status.online_current,
+            lagging_device_ids=status.lagging[:100],
+            root_rotation_pending=status.root_rotation_pending,
         )
 
     async def GetCertificate(

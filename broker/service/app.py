@@ -10,8 +10,10 @@ from broker._proto.broker.v1 import app_pb2, app_pb2_grpc
 from broker.clock import unix
 from broker.errors import Unavailable
 from broker.identity.spiffe import device
+from broker.protocol.spiffe_id import SpiffeId
 from broker.protocol.tokens import cert_thumbprint
 from broker.service.convert import trust_bundle_pb
+from broker.service.effects import EffectsApplier
 from broker.service.interceptor import current_caller
 from broker.service.runtime import Runtime
 from broker.sessions.relay import LiveSession, Rejected
@@ -29,8 +31,9 @@ def caller_thumbprint() -> str:
 class AppService(app_pb2_grpc.AppServiceServicer):
     """Thin handlers over accounts, ownership and sessions."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, effects: EffectsApplier) -> None:
         self._rt = runtime
+        self._effects = effects
 
     async def RenewCertificate(
         self, request: app_pb2.RenewAppCertificateRequest, context: grpc.aio.ServicerContext
@@ -89,14 +92,14 @@ class AppService(app_pb2_grpc.AppServiceServicer):
     async def RevokeShare(
         self, request: app_pb2.RevokeShareRequest, context: grpc.aio.ServicerContext
     ) -> app_pb2.RevokeShareResponse:
-        ended = await self._rt.run(
+        revoked = await self._rt.run(
             self._rt.ownership.revoke_share,
             current_caller().identity,
             request.device_id,
             request.username,
         )
-        self._rt.relay.end_many(ended, "share revoked")
-        return app_pb2.RevokeShareResponse(sessions_ended=len(ended))
+        self._effects.apply(revoked.effects)
+        return app_pb2.RevokeShareResponse(sessions_ended=len(revoked.sessions_ended))
 
     async def OpenSession(
         self, request: app_pb2.OpenSessionRequest, context: grpc.aio.ServicerContext
@@ -116,12 +119,11 @@ class AppService(app_pb2_grpc.AppServiceServicer):
         self, request: app_pb2.SignOutRequest, context: grpc.aio.ServicerContext
     ) -> app_pb2.SignOutResponse:
         caller = current_caller().identity
-        ended = await self._rt.run(
+        revoked = await self._rt.run(
             self._rt.accounts.revoke_app, caller, caller.name, caller.app_id, "signed out"
         )
-        self._rt.relay.end_many(ended, "app instance signed out")
-        self._rt.relay.end_where("app instance signed out", app_id=caller.app_id)
-        return app_pb2.SignOutResponse(sessions_ended=len(ended))
+        self._effects.apply(revoked.effects)
+        return app_pb2.SignOutResponse(sessions_ended=len(revoked.sessions_ended))
 
     async def Watch(self, request: app_pb2.WatchRequest, context: grpc.aio.ServicerContext) -> None:
         caller = current_caller()
@@ -133,7 +135,7 @@ class AppService(app_pb2_grpc.AppServiceServicer):
             request.token,
             request.app_ephemeral_public_key,
         )
-        device_id = claims.audience.rsplit("/", 1)[-1]
+        device_id = SpiffeId.parse(claims.audience).device_id  # aud was checked exactly
         live = self._rt.relay.open(
             claims.session_id, device_id, claims.user_id, claims.app_id, claims.expires_at
         )

@@ -10,7 +10,9 @@ import grpc
 from broker._proto.broker.v1 import device_pb2, device_pb2_grpc
 from broker.clock import unix
 from broker.errors import BrokerError, InvalidArgument
+from broker.pki.ca import authority_key_id, renewal_due_at
 from broker.service.convert import trust_bundle_pb
+from broker.service.effects import EffectsApplier
 from broker.service.interceptor import abort_with, current_caller
 from broker.service.runtime import Runtime
 from broker.sessions.presence import CLOSED, AttachHandle
@@ -40,8 +42,9 @@ def command_pb(item: object) -> device_pb2.BrokerMessage:
 class DeviceService(device_pb2_grpc.DeviceServiceServicer):
     """Handlers for cameras; the caller is always the device named by its certificate (I1)."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, effects: EffectsApplier) -> None:
         self._rt = runtime
+        self._effects = effects
         self._pending: set[asyncio.Task[None]] = set()
 
     async def RenewCertificate(
@@ -61,17 +64,21 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         self, request: device_pb2.ResetOwnershipRequest, context: grpc.aio.ServicerContext
     ) -> device_pb2.ResetOwnershipResponse:
         caller = current_caller().identity
-        code, ended = await self._rt.run(self._rt.ownership.reset, caller)
-        self._rt.relay.end_many(ended, "ownership reset")
-        self._rt.relay.end_where("ownership reset", device_id=caller.name)
-        return device_pb2.ResetOwnershipResponse(claim_code=code, sessions_ended=len(ended))
+        reset = await self._rt.run(self._rt.ownership.reset, caller)
+        self._effects.apply(reset.effects)
+        return device_pb2.ResetOwnershipResponse(
+            claim_code=reset.claim_code, sessions_ended=len(reset.sessions_ended)
+        )
 
     async def Attach(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         caller = current_caller()
         device_id = caller.identity.name
         hello = await self._read_hello(context)
         handle = self._rt.presence.attach(
-            device_id, caller.serial, self._chain_pem(caller.certificate)
+            device_id,
+            caller.serial,
+            self._chain_pem(caller.certificate),
+            authority_key_id(caller.certificate) if caller.certificate else "",
         )
         handle.bundle_version = hello.trust_bundle_version  # heartbeats report changes only
         reader = asyncio.create_task(self._read_loop(context, handle))
@@ -134,18 +141,14 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                 )
             )
         cert = current_caller().certificate
-        if cert is not None and self._renewal_due(
-            cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
+        if cert is not None and self._rt.clock.now() >= renewal_due_at(
+            cert.not_valid_before_utc, cert.not_valid_after_utc
         ):
             await context.write(
                 device_pb2.BrokerMessage(
                     renew_soon=device_pb2.RenewSoon(not_after=unix(cert.not_valid_after_utc))
                 )
             )
-
-    def _renewal_due(self, not_before: float, not_after: float) -> bool:
-        now = self._rt.clock.now().timestamp()
-        return now >= not_before + (not_after - not_before) * 2 / 3
 
     async def _pump(self, context: grpc.aio.ServicerContext, handle: AttachHandle) -> None:
         """Write queued messages to the device until it closes or the broker ends the stream."""
@@ -164,6 +167,8 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                 if message is grpc.aio.EOF:
                     break
                 self._on_message(handle, message)
+        except BrokerError as error:  # e.g. a message that does not decode: end with its status
+            handle.end(error)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             pass
         finally:

@@ -14,10 +14,12 @@ from broker.clock import Clock
 from broker.config import Config
 from broker.devices.enrollment import DeviceAuthority
 from broker.devices.ownership import Ownership
+from broker.pki.reload import PkiReloader
 from broker.pki.trust import TrustBundle
 from broker.sessions.presence import Presence
 from broker.sessions.relay import Relay
 from broker.sessions.sessions import Sessions
+from broker.store import Store
 
 CRL_CACHE_SECONDS = 60.0
 P = ParamSpec("P")
@@ -38,6 +40,8 @@ class Runtime:
     ownership: Ownership
     sessions: Sessions
     relay: Relay
+    pki: PkiReloader
+    store: Store
     # Store-touching and signing calls run here; the broker passes a GroupCommitExecutor.
     executor: Executor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="broker-core")

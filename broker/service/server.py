@@ -1,6 +1,8 @@
 """Building and running the broker's listeners.
 
-- bootstrap: TLS, no client certificate; Bootstrap, health and reflection.
+- bootstrap: TLS, no client certificate; Bootstrap, health and reflection (v1 and v1alpha, listing
+             this listener's services). Health answers for "" and every service the broker
+             serves on any listener, and turns NOT_SERVING as soon as the broker starts stopping.
 - factory:   mutual TLS against the factory CA; Bootstrap for cameras holding a birth certificate.
 - main:      mutual TLS against the root; DeviceService and AdminService.
 
@@ -19,7 +21,6 @@ from typing import Any
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from broker._proto.broker.v1 import (
     admin_pb2,
@@ -33,15 +34,15 @@ from broker._proto.broker.v1 import (
 )
 from broker.accounts.passwords import PasswordHasher
 from broker.accounts.users import Accounts
-from broker.audit.chain import AuditEvent
 from broker.clock import Clock, SystemClock
 from broker.config import Config
 from broker.devices.enrollment import DeviceAuthority
 from broker.devices.ownership import Ownership
 from broker.errors import ConfigurationError
 from broker.identity.spiffe import Kind
+from broker.pemfile import read_certificates
 from broker.pki.ca import PkiFiles, load_authority
-from broker.pki.pemfile import read_certificates
+from broker.pki.reload import PkiReloader
 from broker.pki.rotation import trusted_issuing
 from broker.pki.trust import load_trust_bundle
 from broker.protocol.tokens import load_keyring
@@ -49,16 +50,18 @@ from broker.service.admin import AdminService
 from broker.service.app import AppService
 from broker.service.bootstrap import BootstrapService
 from broker.service.device import DeviceService
+from broker.service.effects import EffectsApplier
 from broker.service.interceptor import (
     IdentityInterceptor,
     anonymous_authenticator,
     certificate_authenticator,
 )
 from broker.service.peer import Caller, PeerParser
+from broker.service.reflection import V1_SERVICE, V1ALPHA_SERVICE, Reflection
 from broker.service.runtime import Runtime
 from broker.service.tls import ReloadingCredentials
 from broker.sessions.presence import Presence
-from broker.sessions.relay import RESTART_REASON, Relay
+from broker.sessions.relay import RESTART_REASON, Relay, alarm_event
 from broker.sessions.sessions import Sessions
 from broker.store.groupcommit import GroupCommitExecutor
 from broker.store.sqlite import SqliteStore
@@ -118,6 +121,7 @@ class BrokerServer:
         self.devices = DeviceAuthority(config, authority, self.store, self.clock)
         keyring = load_keyring(config.certs_dir)
         presence = Presence()
+        sessions = Sessions(config, self.store, self.clock, keyring)
         self.runtime: Runtime = Runtime(
             config,
             self.clock,
@@ -126,16 +130,18 @@ class BrokerServer:
             load_trust_bundle(config, keyring.jwks_json()),
             Accounts(config, authority, self.store, self.clock, PasswordHasher(config)),
             Ownership(config, self.store, self.clock),
-            Sessions(config, self.store, self.clock, keyring),
+            sessions,
             Relay(presence, self.clock, self._alarm),
+            PkiReloader(config, authority, sessions.reload_keyring),
+            self.store,
             executor=GroupCommitExecutor(self.store),
         )
+        self.effects = EffectsApplier(self.runtime)
         self._background: list[asyncio.Task[None]] = []
         self.runtime.crl_source = self._crl_pem
-        self._authority = authority
-        self._keyring = keyring
         self._tls: list[ReloadingCredentials] = []
         self._main_parser = PeerParser(config.trust_domain, trusted_issuing(self.files))
+        self.effects.on_trust_changed(lambda issuing: self._main_parser.reset(list(issuing)))
         self._servers: list[grpc.aio.Server] = []
         self.ports: dict[str, int] = {}
         self.devices.register_offline_certificates(self.files, "broker")
@@ -143,12 +149,7 @@ class BrokerServer:
     def _alarm(self, device_id: str, session_id: str, reason: str) -> None:
         """A relay rule fired (e.g. a frame from the wrong camera): log and audit it (I6, I12)."""
         log.warning("relay alarm device=%s session=%s reason=%s", device_id, session_id, reason)
-        event = AuditEvent(
-            f"spiffe://{self.config.trust_domain}/device/{device_id}",
-            "relay.alarm",
-            device_id,
-            {"session_id": session_id[:64], "reason": reason},
-        )
+        event = alarm_event(self.config.trust_domain, device_id, session_id, reason)
         task = asyncio.get_running_loop().create_task(self.runtime.run(self.devices.audit, event))
         self._background.append(task)
         task.add_done_callback(self._background.remove)
@@ -196,9 +197,11 @@ class BrokerServer:
         if port == 0:
             raise ConfigurationError(f"cannot listen on {address} for the {name} listener")
         self.ports[name] = port
+        self._served.update(b.descriptor.full_name for b in bindings)
         return server
 
     def _build(self) -> list[grpc.aio.Server]:
+        self._served: set[str] = set()  # every service on any listener (health answers for each)
         rt = self.runtime
         bootstrap_desc = _service(bootstrap_pb2, "Bootstrap")
         bootstrap = BootstrapService(rt)
@@ -221,22 +224,19 @@ class BrokerServer:
                 every(_service(health_pb2, "Health"), Kind.ANONYMOUS),
             ),
         ]
-        reflection_desc = _service(reflection_pb2, "ServerReflection")
-        exposed = [
-            bootstrap_desc.full_name,
-            "broker.v1.DeviceService",
-            "broker.v1.AdminService",
-            "broker.v1.AppService",
-            reflection.SERVICE_NAME,
-        ]
-        public.append(
-            Binding(
-                reflection_desc,
-                lambda _servicer, server: reflection.enable_server_reflection(exposed, server),
-                None,
-                every(reflection_desc, Kind.ANONYMOUS),
-            )
+        reflection = Reflection(
+            [b.descriptor.full_name for b in public]
+            + [V1_SERVICE.full_name, V1ALPHA_SERVICE.full_name]
         )
+        public += [
+            Binding(
+                V1ALPHA_SERVICE,
+                reflection.add_v1alpha,
+                None,
+                every(V1ALPHA_SERVICE, Kind.ANONYMOUS),
+            ),
+            Binding(V1_SERVICE, reflection.add_v1, None, every(V1_SERVICE, Kind.ANONYMOUS)),
+        ]
         bootstrap_server = self._listener(
             "bootstrap",
             self.config.bootstrap_address,
@@ -275,19 +275,19 @@ class BrokerServer:
                 Binding(
                     device_desc,
                     device_pb2_grpc.add_DeviceServiceServicer_to_server,
-                    DeviceService(rt),
+                    DeviceService(rt, self.effects),
                     every(device_desc, Kind.DEVICE),
                 ),
                 Binding(
                     admin_desc,
                     admin_pb2_grpc.add_AdminServiceServicer_to_server,
-                    AdminService(rt, self.reload_pki),
+                    AdminService(rt, self.effects),
                     every(admin_desc, Kind.OPERATOR),
                 ),
                 Binding(
                     app_desc,
                     app_pb2_grpc.add_AppServiceServicer_to_server,
-                    AppService(rt),
+                    AppService(rt, self.effects),
                     every(app_desc, Kind.APP),
                 ),
             ],
@@ -301,33 +301,6 @@ class BrokerServer:
 
         return crls_pem(build_crls(self.files, self.store, self.clock))
 
-    def reload_pki(self) -> tuple[bool, int]:
-        """Re-read certs/ after a rotation: issuing CA, trusted issuers, token keys, trust bundle.
-        A changed bundle is pushed down every Attach stream. Returns (changed, cameras notified)."""
-        from broker._proto.broker.v1 import device_pb2
-        from broker.pki.pemfile import read_private_key
-        from broker.service.convert import trust_bundle_pb
-
-        self._authority.replace(
-            read_private_key(self.files.issuing_key), read_certificates(self.files.issuing_cert)[0]
-        )
-        self._main_parser.reset(trusted_issuing(self.files))
-        self._keyring = load_keyring(self.config.certs_dir)
-        self.runtime.sessions.reload_keyring(self._keyring)
-        bundle = load_trust_bundle(self.config, self._keyring.jwks_json())
-        changed = bundle.version != self.runtime.trust_bundle.version
-        self.runtime.trust_bundle = bundle
-        notified = 0
-        if changed:
-            update = device_pb2.BrokerMessage(
-                trust_bundle_update=device_pb2.TrustBundleUpdate(
-                    trust_bundle=trust_bundle_pb(bundle)
-                )
-            )
-            notified = self.runtime.presence.broadcast(update)
-        log.info("pki reloaded bundle=%s changed=%s notified=%d", bundle.version, changed, notified)
-        return changed, notified
-
     async def start(self) -> dict[str, int]:
         """Bind and start all listeners; returns the bound ports by listener name."""
         ended = self.runtime.sessions.end_all_after_restart()
@@ -336,13 +309,15 @@ class BrokerServer:
         self._servers = self._build()
         for server in self._servers:
             await server.start()
-        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        for service in ["", *sorted(self._served)]:
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._expiry = asyncio.get_running_loop().create_task(self.runtime.relay.run_expiry())
         log.info("broker listening ports=%s trust_domain=%s", self.ports, self.config.trust_domain)
         return dict(self.ports)
 
     async def stop(self, grace: float | None = 1.0) -> None:
         """Stop all listeners; streams get `grace` seconds to finish."""
+        await self._health.enter_graceful_shutdown()  # every health status NOT_SERVING, first
         self.runtime.relay.end_where(RESTART_REASON)  # watchers get an end event with the reason
         self._expiry.cancel()
         await asyncio.gather(*(s.stop(grace) for s in self._servers))

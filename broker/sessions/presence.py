@@ -26,6 +26,7 @@ class AttachHandle:
     device_id: str
     serial: str
     chain_pem: str = ""
+    issuer_ski: str = ""  # the issuing CA of the certificate this stream was opened with
     bundle_version: str = ""
     outbox: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
     ended: bool = False
@@ -48,12 +49,14 @@ class Presence:
     def __init__(self) -> None:
         self._by_device: dict[str, AttachHandle] = {}
 
-    def attach(self, device_id: str, serial: str, chain_pem: str = "") -> AttachHandle:
+    def attach(
+        self, device_id: str, serial: str, chain_pem: str = "", issuer_ski: str = ""
+    ) -> AttachHandle:
         """Register a new stream; an older stream of the same device is ended (reconnect wins)."""
         old = self._by_device.get(device_id)
         if old is not None:
             old.end(Unauthenticated("replaced by a newer Attach stream from the same device"))
-        handle = AttachHandle(device_id, serial, chain_pem)
+        handle = AttachHandle(device_id, serial, chain_pem, issuer_ski)
         self._by_device[device_id] = handle
         return handle
 
@@ -93,6 +96,14 @@ class Presence:
     def end_serials(self, serials: set[str], error: BrokerError) -> int:
         """End every stream authenticated with one of these certificate serials."""
         hit = [h for h in self._by_device.values() if h.serial in serials]
+        for handle in hit:
+            self.end_device(handle.device_id, error)
+        return len(hit)
+
+    def end_issued_outside(self, trusted_issuer_skis: set[str], error: BrokerError) -> int:
+        """End every stream whose certificate was not issued by one of these CAs (after a PKI
+        reload retired an issuing CA, such a stream could only offer viewers an untrusted chain)."""
+        hit = [h for h in self._by_device.values() if h.issuer_ski not in trusted_issuer_skis]
         for handle in hit:
             self.end_device(handle.device_id, error)
         return len(hit)

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.audit.chain import AuditEvent
+from broker.audit.session_ends import end_sessions_audited
 from broker.clock import Clock, unix
 from broker.config import Config
 from broker.devices.ownership import require_grant
 from broker.errors import InvalidArgument, PermissionDenied
 from broker.identity.spiffe import Identity, Kind, device, validate_device_id
 from broker.protocol.tokens import SCOPE_VIEW, SessionClaims, TokenKeyring, TokenVerifier, key_hash
-from broker.sessions.records import end_sessions_audited
 from broker.store import Role, SessionOutcome, SessionRecord, Store
 
 X25519_KEY_BYTES = 32

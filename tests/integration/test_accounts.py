@@ -15,17 +15,22 @@ import pytest
 from broker._proto.broker.v1 import app_pb2, bootstrap_pb2
 from broker.accounts.users import LOGIN_FAILED
 from broker.identity.spiffe import from_certificate
+from broker.store import CertStatus, SessionOutcome
 from tests.conftest import start_broker, stop_broker
 from tests.helpers import (
     PASSWORD,
     AppCreds,
+    RunningBroker,
     app_call,
+    app_record,
     audit_entries,
     bootstrap_stub,
+    certificate,
+    certificates_of,
     claim_device,
+    count_rows,
     create_account,
     csr_for,
-    db_rows,
     enroll_app,
     enroll_camera,
     new_user,
@@ -36,19 +41,20 @@ from tests.helpers import (
     rpc_error,
     session_rows,
     tamper_csr_signature,
+    user_record,
 )
 
 
-def user_count(broker: object) -> int:
-    return int(db_rows(broker, "SELECT COUNT(*) FROM users")[0][0])
+def user_count(broker: RunningBroker) -> int:
+    return count_rows(broker, "users")
 
 
-def app_count(broker: object) -> int:
-    return int(db_rows(broker, "SELECT COUNT(*) FROM app_instances")[0][0])
+def app_count(broker: RunningBroker) -> int:
+    return count_rows(broker, "app_instances")
 
 
-def app_cert_count(broker: object) -> int:
-    return int(db_rows(broker, "SELECT COUNT(*) FROM certificates WHERE kind = 'app'")[0][0])
+def app_cert_count(broker: RunningBroker) -> int:
+    return count_rows(broker, "certificates", kind="app")
 
 
 def enroll_request(username: str, password: str, csr_pem: str | None = None) -> object:
@@ -60,7 +66,7 @@ def enroll_request(username: str, password: str, csr_pem: str | None = None) -> 
     )
 
 
-def list_devices(broker: object, creds: AppCreds) -> object:
+def list_devices(broker: RunningBroker, creds: AppCreds) -> object:
     return app_call(broker, creds, "ListDevices", app_pb2.ListMyDevicesRequest())
 
 
@@ -70,7 +76,8 @@ def list_devices(broker: object, creds: AppCreds) -> object:
 def test_duplicate_username_is_already_exists_and_writes_nothing(broker):
     """A taken username (also in another case) is ALREADY_EXISTS; the first account is untouched."""
     user_id = create_account(broker, "anna@example.com")
-    hash_before = db_rows(broker, "SELECT password_hash FROM users")[0][0]
+    assert user_count(broker) == 1
+    hash_before = user_record(broker, user_id).password_hash
     channel, stub = bootstrap_stub(broker)
     with channel:
         for name in ("anna@example.com", "Anna@Example.com"):
@@ -80,9 +87,9 @@ def test_duplicate_username_is_already_exists_and_writes_nothing(broker):
                 timeout=10,
             )
             assert error.code() is grpc.StatusCode.ALREADY_EXISTS
-    assert db_rows(broker, "SELECT user_id, username, password_hash FROM users") == [
-        (user_id, "anna@example.com", hash_before)
-    ]
+    assert user_count(broker) == 1
+    user = user_record(broker, user_id)
+    assert (user.username, user.password_hash) == ("anna@example.com", hash_before)
     assert len(audit_entries(broker, "user.created")) == 1
 
 
@@ -120,8 +127,8 @@ def test_weak_password_is_invalid_argument(broker, password):
 
 def test_i11_password_stored_as_argon2id_hash(broker):
     """I11: users.password_hash is an argon2id PHC string; the password is nowhere in the DB."""
-    new_user(broker, "anna")
-    (stored,) = db_rows(broker, "SELECT password_hash FROM users")[0]
+    anna = new_user(broker, "anna")
+    stored = user_record(broker, anna.user_id).password_hash
     assert str(stored).startswith("$argon2id$")
     assert PASSWORD not in str(stored)
     for path in broker.config.database.parent.iterdir():
@@ -274,14 +281,10 @@ def test_sign_out_revokes_app_and_ends_its_sessions(broker, operator_channel):
         lambda: app_call(broker, phone, "SignOut", app_pb2.SignOutRequest()),
     ):
         assert rpc_error(call).code() is grpc.StatusCode.UNAUTHENTICATED
-    rows = {r[0]: r[3] for r in session_rows(broker, "cam-out")}
-    assert rows == {mine: "ended", other: "opened"}
-    assert db_rows(broker, "SELECT state FROM app_instances WHERE app_id = ?", phone.app_id) == [
-        ("revoked",)
-    ]
-    assert db_rows(broker, "SELECT status FROM certificates WHERE serial = ?", phone.serial) == [
-        ("revoked",)
-    ]
+    rows = {r.session_id: r.outcome for r in session_rows(broker, "cam-out")}
+    assert rows == {mine: SessionOutcome.ENDED, other: SessionOutcome.OPENED}
+    assert app_record(broker, phone.app_id).state.value == "revoked"
+    assert certificate(broker, phone.serial).status is CertStatus.REVOKED
     (entry,) = audit_entries(broker, "app.revoked")
     assert entry.subject == phone.app_id and entry.actor == phone.spiffe_id
     assert entry.detail["sessions_ended"] == [mine]
@@ -295,15 +298,9 @@ def test_renew_app_certificate_keeps_identity_and_supersedes_old(broker):
     new = renew_app(broker, old)
     assert from_certificate(new.leaf, "camera.local") == from_certificate(old.leaf, "camera.local")
     assert new.serial != old.serial
-    statuses = dict(
-        db_rows(
-            broker, "SELECT serial, status FROM certificates WHERE spiffe_id = ?", old.spiffe_id
-        )
-    )
-    assert statuses == {old.serial: "superseded", new.serial: "active"}
-    assert db_rows(
-        broker, "SELECT superseded_by FROM certificates WHERE serial = ?", old.serial
-    ) == [(new.serial,)]
+    statuses = {r.serial: r.status for r in certificates_of(broker, old.spiffe_id)}
+    assert statuses == {old.serial: CertStatus.SUPERSEDED, new.serial: CertStatus.ACTIVE}
+    assert certificate(broker, old.serial).superseded_by == new.serial
     (entry,) = audit_entries(broker, "certificate.renewed")
     assert entry.detail["superseded"] == [old.serial]
 
@@ -328,6 +325,4 @@ def test_renew_with_another_identitys_key_is_permission_denied(broker):
     )
     assert error.code() is grpc.StatusCode.PERMISSION_DENIED
     assert app_cert_count(broker) == before
-    assert db_rows(broker, "SELECT status FROM certificates WHERE serial = ?", anna.serial) == [
-        ("active",)
-    ]
+    assert certificate(broker, anna.serial).status is CertStatus.ACTIVE

@@ -16,15 +16,17 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from broker._proto.broker.v1 import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc
-from broker.pki.pemfile import read_certificates, read_private_key
+from broker.pemfile import read_certificates, read_private_key
 from broker.store import CertStatus
 from tests.helpers import (
+    RunningBroker,
     attach_once,
     audit_entries,
     birth_credentials,
     cert_rows,
+    certificates_of,
+    count_rows,
     csr_for,
-    db_rows,
     device_row,
     device_spiffe,
     enroll_device,
@@ -63,8 +65,8 @@ def uri_sans(cert: x509.Certificate) -> list[str]:
     return list(san.get_values_for_type(x509.UniformResourceIdentifier))
 
 
-def device_cert_count(broker: object) -> int:
-    return int(db_rows(broker, "SELECT COUNT(*) FROM certificates WHERE kind = 'device'")[0][0])
+def device_cert_count(broker: RunningBroker) -> int:
+    return count_rows(broker, "certificates", kind="device")
 
 
 def sign_leaf(
@@ -141,7 +143,7 @@ def test_forged_operator_cert_from_another_ca_is_refused_at_tls(broker, operator
             timeout=10,
         )
     assert error.code() is grpc.StatusCode.UNAVAILABLE
-    assert db_rows(broker, "SELECT COUNT(*) FROM enrollment_tokens") == [(0,)]
+    assert count_rows(broker, "enrollment_tokens") == 0
 
 
 def test_birth_certificate_on_main_listener_is_refused(broker):
@@ -187,7 +189,7 @@ def test_leaf_from_issuing_key_but_not_recorded_is_unauthenticated(broker, opera
 
 def test_i3_device_cert_on_admin_service_is_permission_denied(broker, operator_channel):
     creds = enroll_device(broker, operator_channel, DEVICE)
-    tokens_before = db_rows(broker, "SELECT COUNT(*) FROM enrollment_tokens")
+    tokens_before = count_rows(broker, "enrollment_tokens")
     with creds.channel(broker) as channel:
         admin = admin_pb2_grpc.AdminServiceStub(channel)
         calls = [
@@ -198,7 +200,7 @@ def test_i3_device_cert_on_admin_service_is_permission_denied(broker, operator_c
         for method, request in calls:
             error = rpc_error(method, request, timeout=10)
             assert error.code() is grpc.StatusCode.PERMISSION_DENIED, method
-    assert db_rows(broker, "SELECT COUNT(*) FROM enrollment_tokens") == tokens_before
+    assert count_rows(broker, "enrollment_tokens") == tokens_before
     assert device_row(broker, OTHER) is None
     [record] = cert_rows(broker, DEVICE)
     assert record.status is CertStatus.ACTIVE
@@ -207,15 +209,10 @@ def test_i3_device_cert_on_admin_service_is_permission_denied(broker, operator_c
 
 def test_i3_operator_cert_on_device_service_is_permission_denied(broker, operator_channel):
     operator_spiffe = "spiffe://camera.local/operator/admin"
-    before = db_rows(
-        broker, "SELECT COUNT(*) FROM certificates WHERE spiffe_id = ?", operator_spiffe
-    )
+    before = certificates_of(broker, operator_spiffe)
     error = rpc_error(renew_call, operator_channel)
     assert error.code() is grpc.StatusCode.PERMISSION_DENIED
-    assert (
-        db_rows(broker, "SELECT COUNT(*) FROM certificates WHERE spiffe_id = ?", operator_spiffe)
-        == before
-    )
+    assert len(certificates_of(broker, operator_spiffe)) == len(before)
     assert device_cert_count(broker) == 0
 
     error = rpc_error(attach_once, operator_channel)

@@ -21,9 +21,11 @@ from broker._proto.broker.v1 import (
     device_pb2_grpc,
 )
 from broker.clock import unix
+from broker.store import SessionOutcome, SessionRecord
 from tests.helpers import (
     AppCreds,
     DeviceCreds,
+    RunningBroker,
     app_call,
     audit_entries,
     claim_code_hash_of,
@@ -39,14 +41,16 @@ from tests.helpers import (
 )
 
 
-def reset_ownership(broker: object, camera: DeviceCreds) -> device_pb2.ResetOwnershipResponse:
+def reset_ownership(
+    broker: RunningBroker, camera: DeviceCreds
+) -> device_pb2.ResetOwnershipResponse:
     with camera.channel(broker) as channel:
         return device_pb2_grpc.DeviceServiceStub(channel).ResetOwnership(
             device_pb2.ResetOwnershipRequest(), timeout=10
         )
 
 
-def revoke_share(broker: object, creds: AppCreds, device_id: str, username: str) -> object:
+def revoke_share(broker: RunningBroker, creds: AppCreds, device_id: str, username: str) -> object:
     return app_call(
         broker,
         creds,
@@ -55,12 +59,12 @@ def revoke_share(broker: object, creds: AppCreds, device_id: str, username: str)
     )
 
 
-def list_devices(broker: object, creds: AppCreds) -> list[object]:
+def list_devices(broker: RunningBroker, creds: AppCreds) -> list[object]:
     return list(app_call(broker, creds, "ListDevices", app_pb2.ListMyDevicesRequest()).devices)
 
 
 def assert_denied_session(
-    broker: object, creds: AppCreds, device_id: str, reason_part: str
+    broker: RunningBroker, creds: AppCreds, device_id: str, reason_part: str
 ) -> grpc.RpcError:
     """OpenSession is PERMISSION_DENIED, leaves a 'denied' session row and a 'session.denied'
     audit entry naming the caller, the device and the reason (I4, I12)."""
@@ -74,15 +78,29 @@ def assert_denied_session(
     assert entry.subject == device_id
     assert entry.detail["user_id"] == creds.user_id
     assert reason_part in entry.detail["reason"]
-    rows = [r for r in session_rows(broker, device_id) if r[0] == entry.detail["session_id"]]
+    rows = [
+        (r.session_id, r.user_id, r.app_id, r.outcome, r.reason)
+        for r in session_rows(broker, device_id)
+        if r.session_id == entry.detail["session_id"]
+    ]
     assert rows == [
-        (entry.detail["session_id"], creds.user_id, creds.app_id, "denied", entry.detail["reason"])
+        (
+            entry.detail["session_id"],
+            creds.user_id,
+            creds.app_id,
+            SessionOutcome.DENIED,
+            entry.detail["reason"],
+        )
     ]
     return error
 
 
-def opened_sessions(broker: object, device_id: str, user_id: str) -> list[object]:
-    return [r for r in session_rows(broker, device_id) if r[1] == user_id and r[3] == "opened"]
+def opened_sessions(broker: RunningBroker, device_id: str, user_id: str) -> list[SessionRecord]:
+    return [
+        r
+        for r in session_rows(broker, device_id)
+        if r.user_id == user_id and r.outcome is SessionOutcome.OPENED
+    ]
 
 
 # -- I4: no grant, no session ---------------------------------------------------------------------
@@ -100,7 +118,7 @@ def test_i4_stranger_cannot_open_session_on_anothers_device(broker, operator_cha
     unknown = assert_denied_session(broker, stranger, "cam-nope", "no access")
     assert denied.details() == unknown.details()  # no oracle for which devices exist
     assert opened_sessions(broker, "cam-b", stranger.user_id) == []
-    assert [r[3] for r in session_rows(broker, "cam-b")] == ["denied"]
+    assert [r.outcome for r in session_rows(broker, "cam-b")] == [SessionOutcome.DENIED]
     assert [d.device_id for d in list_devices(broker, stranger)] == []
 
 
@@ -121,7 +139,7 @@ def test_i4_expired_share_denies_new_sessions(broker, operator_channel):
     broker.clock.advance(61)
     assert_denied_session(broker, viewer, "cam-b", "expired")
     assert opened_sessions(broker, "cam-b", viewer.user_id) == [
-        r for r in session_rows(broker, "cam-b") if r[0] == first
+        r for r in session_rows(broker, "cam-b") if r.session_id == first
     ]
     assert list_devices(broker, viewer) == []
     open_session(broker, owner, "cam-b")  # the owner is unaffected
@@ -139,7 +157,9 @@ def test_i4_revoked_share_denies_and_ends_sessions(broker, operator_channel):
 
     assert revoke_share(broker, owner, "cam-b", "vera").sessions_ended == 1
     assert grant_rows(broker, "cam-b") == [(owner.user_id, "owner", None)]
-    assert [r[3] for r in session_rows(broker, "cam-b") if r[0] == live] == ["ended"]
+    assert [r.outcome for r in session_rows(broker, "cam-b") if r.session_id == live] == [
+        SessionOutcome.ENDED
+    ]
     (entry,) = audit_entries(broker, "share.revoked")
     assert entry.actor == owner.spiffe_id and entry.subject == "cam-b"
     assert entry.detail == {"user_id": viewer.user_id, "sessions_ended": [live]}
@@ -249,8 +269,8 @@ def test_i8_reset_ownership_drops_grants_ends_sessions_and_renews_code(broker, o
     assert response.sessions_ended == 2
     assert grant_rows(broker, "cam-r") == []
     rows = session_rows(broker, "cam-r")
-    assert {r[0] for r in rows} == live
-    assert {(r[3], r[4]) for r in rows} == {("ended", "ownership reset")}
+    assert {r.session_id for r in rows} == live
+    assert {(r.outcome, r.reason) for r in rows} == {(SessionOutcome.ENDED, "ownership reset")}
     (entry,) = audit_entries(broker, "device.ownership_reset")
     assert entry.actor == "spiffe://camera.local/device/cam-r"
     assert sorted(entry.detail["sessions_ended"]) == sorted(live)

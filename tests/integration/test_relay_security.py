@@ -20,6 +20,7 @@ from broker._proto.broker.v1 import device_pb2
 from broker.client.simcam import parse_payload
 from broker.protocol.e2e import HandshakeError, raw_public
 from broker.sessions.relay import Accepted, FrameVerdict
+from broker.store import SessionOutcome
 from tests.helpers import (
     audit_entries,
     eventually,
@@ -321,7 +322,11 @@ def test_i5_camera_refuses_a_start_stream_not_bound_to_it(
             async for plaintext in stream.frames():
                 plaintexts.append(plaintext)
         row = await eventually(
-            lambda: (r := session_row(broker, ticket.session_id)) and r[3] == "ended" and r
+            lambda: (
+                (r := session_row(broker, ticket.session_id))
+                and r.outcome is SessionOutcome.ENDED
+                and r
+            )
         )
         await stop_task(task)
         return ticket, cam, stream, plaintexts, row
@@ -335,7 +340,7 @@ def test_i5_camera_refuses_a_start_stream_not_bound_to_it(
     assert (cam.stats.streams_started, cam.stats.streams_refused) == (0, 1)
     assert stream.end_reason == expected
     assert stream.hello is None and stream.opener is None and plaintexts == []
-    assert row[3:6] == ("ended", expected, 0)
+    assert (row.outcome, row.reason, row.bytes) == (SessionOutcome.ENDED, expected, 0)
     assert [a for a, _ in session_audit(broker, ticket.session_id)] == [
         "session.opened",
         "session.closed",

@@ -34,20 +34,22 @@ from broker.client.device import (
 from broker.clock import FakeClock, unix
 from broker.devices.enrollment import DeviceAuthority
 from broker.identity.spiffe import device
+from broker.pemfile import read_certificates
 from broker.pki.ca import load_authority
 from broker.pki.crl import build_crls, crls_pem
-from broker.pki.pemfile import read_certificates
-from broker.store import CertStatus
+from broker.store import CertificateRecord, CertStatus
 from tests.helpers import (
     PASSWORD,
     OperatorSnapshot,
     app_call,
+    app_record,
     attach_once,
     audit_entries,
     birth_credentials,
     cert_rows,
+    certificates_of,
     create_token,
-    db_rows,
+    device_row,
     enroll_device,
     key_pem,
     mtls_channel,
@@ -73,13 +75,8 @@ def window(renew_after: int, not_after: int) -> int:
     return min(3600, (not_after - renew_after) // 10)
 
 
-def app_cert_rows(broker, app) -> list[object]:
-    store = broker.store()
-    try:
-        with store.read() as tx:
-            return list(tx.certificates_of(app.spiffe_id))
-    finally:
-        store.close()
+def app_cert_rows(broker, app) -> list[CertificateRecord]:
+    return certificates_of(broker, app.spiffe_id)
 
 
 # -- item 1: SDK renewal ---------------------------------------------------------------------------
@@ -292,9 +289,7 @@ def test_revoked_certificates_are_refused_on_the_next_rpc_before_any_crl_is_publ
         assert published.get_revoked_certificate_by_serial_number(int(serial, 16)) is None
     assert {r.status for r in cert_rows(broker, "cam-rv")} == {CertStatus.REVOKED}
     assert [r.status for r in app_cert_rows(broker, app)] == [CertStatus.REVOKED]
-    assert db_rows(broker, "SELECT state FROM app_instances WHERE app_id = ?", app.app_id) == [
-        ("revoked",)
-    ]
+    assert app_record(broker, app.app_id).state.value == "revoked"
     # A new connection with the revoked certificates fares no better.
     assert rpc_error(app_call, broker, app, "ListDevices", LIST).code() is (
         grpc.StatusCode.UNAUTHENTICATED
@@ -397,11 +392,16 @@ def test_tls_refuses_certificates_expired_or_not_yet_valid_on_the_real_clock(
         error = rpc_error(attach_once, channel)
     assert error.code() is grpc.StatusCode.UNAVAILABLE
     assert len(audit_entries(broker)) == audit_before
-    last_seen = "SELECT last_seen_at FROM devices WHERE device_id = 'cam-tl'"
-    assert db_rows(broker, last_seen) == [(None,)]  # never reached the Attach handler
+
+    def last_seen() -> int | None:
+        record = device_row(broker, "cam-tl")
+        assert record is not None
+        return record.last_seen_at
+
+    assert last_seen() is None  # never reached the Attach handler
     # Control: the device's certificate from enrollment, valid now, attaches on the same path.
     with current.channel(broker) as channel:
         assert [m.accepted.device_id for m in attach_once(channel) if m.HasField("accepted")] == [
             "cam-tl"
         ]
-    assert db_rows(broker, last_seen) != [(None,)]
+    assert last_seen() is not None

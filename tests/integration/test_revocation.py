@@ -17,13 +17,15 @@ from broker._proto.broker.v1 import admin_pb2, admin_pb2_grpc, bootstrap_pb2, bo
 from broker.client.device import DeviceClient, Endpoints
 from broker.store import CertStatus, DeviceState
 from tests.helpers import (
+    RunningBroker,
     attach_once,
     audit_entries,
     birth_credentials,
     cert_rows,
+    count_rows,
     create_token,
     csr_for,
-    db_rows,
+    device_count,
     device_row,
     enroll,
     enroll_device,
@@ -48,8 +50,8 @@ def accepted_ids(messages: list[object]) -> list[str]:
     return [m.accepted.device_id for m in messages if m.HasField("accepted")]  # type: ignore[attr-defined]
 
 
-def token_count(broker: object) -> int:
-    return int(db_rows(broker, "SELECT COUNT(*) FROM enrollment_tokens")[0][0])
+def token_count(broker: RunningBroker) -> int:
+    return count_rows(broker, "enrollment_tokens")
 
 
 # -- I7: revoking a device -----------------------------------------------------------------------
@@ -226,7 +228,7 @@ def test_revoking_twice_is_failed_precondition(broker, operator_channel):
 def test_revoking_an_invalid_device_id_is_invalid_argument(broker, operator_channel, device_id):
     error = rpc_error(revoke, operator_channel, device_id)
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert db_rows(broker, "SELECT COUNT(*) FROM devices") == [(0,)]
+    assert device_count(broker) == 0
 
 
 # -- renewal grace and expiry (the broker's own check, on its FakeClock) -------------------------

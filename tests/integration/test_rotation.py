@@ -30,7 +30,7 @@ from broker.client.bundle import load_bundle
 from broker.client.device import DeviceClient, Endpoints, TlsHandshakeFailed
 from broker.client.simcam import SimulatedCamera
 from broker.errors import FailedPrecondition, PermissionDenied
-from broker.pki.pemfile import read_certificates
+from broker.pemfile import read_certificates
 from broker.pki.rotation import (
     cross_cert_path,
     retire_root,

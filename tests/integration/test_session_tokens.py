@@ -30,16 +30,17 @@ from broker._proto.broker.v1 import app_pb2, app_pb2_grpc, bootstrap_pb2
 from broker.client.device import DeviceClient, Endpoints
 from broker.errors import PermissionDenied
 from broker.identity.spiffe import Identity, Kind
-from broker.pki.pemfile import read_private_key
+from broker.pemfile import read_private_key
 from broker.protocol.tokens import ALGORITHM, SessionClaims, TokenKeyring, TokenVerifier, b64url
+from broker.store import SessionOutcome
 from tests.helpers import (
     PASSWORD,
     AppCreds,
     app_call,
     bootstrap_stub,
     claim_code_hash_of,
+    count_rows,
     create_token,
-    db_rows,
     device_spiffe,
     enroll_app,
     enroll_camera,
@@ -275,7 +276,7 @@ def test_i5_forged_token_refused_by_both_verifiers(scene, forge):
     for check in scene.verify_everywhere(token):
         assert_refused(check, reason)
     rows = session_rows(scene.broker, CAM_X)
-    assert [(r[0], r[3]) for r in rows] == [(scene.session_id, "opened")]
+    assert [(r.session_id, r.outcome) for r in rows] == [(scene.session_id, SessionOutcome.OPENED)]
 
 
 # -- I5: bound to the camera and to the app certificate -------------------------------------------
@@ -330,7 +331,7 @@ def test_i5_token_bound_to_app_certificate(scene):
     renewed = renew_app(broker, x)
     assert_refused(watch_check(renewed), "another app certificate")
     rows = session_rows(broker, CAM_X)
-    assert [(r[0], r[3]) for r in rows] == [(scene.session_id, "opened")]
+    assert [(r.session_id, r.outcome) for r in rows] == [(scene.session_id, SessionOutcome.OPENED)]
 
 
 def test_i4_watch_rechecks_the_grant(scene):
@@ -418,8 +419,8 @@ def test_i9_operator_certificate_cannot_call_any_app_rpc(scene, operator_channel
         error = call_raw(operator_channel, path, plausible_request(cls, scene), streaming)
         assert error.code() is grpc.StatusCode.PERMISSION_DENIED, path
     assert session_rows(scene.broker, CAM_X) == sessions_before
-    assert db_rows(scene.broker, "SELECT COUNT(*) FROM grants")[0][0] == 1
-    assert db_rows(scene.broker, "SELECT COUNT(*) FROM app_instances")[0][0] == 1
+    assert count_rows(scene.broker, "grants") == 1
+    assert count_rows(scene.broker, "app_instances") == 1
 
 
 def test_i9_core_never_opens_a_session_for_an_operator(scene):
@@ -452,7 +453,7 @@ def test_device_certificate_cannot_call_app_rpcs(broker, operator_channel):
             error = call_raw(channel, path, request, streaming)
             assert error.code() is grpc.StatusCode.PERMISSION_DENIED, path
     assert session_rows(broker, CAM_Y) == []
-    assert db_rows(broker, "SELECT COUNT(*) FROM grants")[0][0] == 0
+    assert count_rows(broker, "grants") == 0
     assert claim_code_hash_of(broker, CAM_Y) is not None
     owner = new_user(broker, "anna")
     app_call(

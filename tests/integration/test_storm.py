@@ -17,11 +17,12 @@ import pytest
 from broker.client.simcam import parse_payload
 from tests.conftest import start_broker, stop_broker
 from tests.helpers import (
-    db_rows,
+    RunningBroker,
     endpoints_of,
     operator_channel_of,
     sdk_app,
     sdk_camera,
+    session_row,
     start_camera,
     stop_task,
 )
@@ -37,10 +38,11 @@ def storm_home(tmp_path: Path):
     stop_broker(holder["broker"])
 
 
-def sessions_table(broker: object) -> dict[str, tuple[str, str, str]]:
-    """session_id → (device_id, user_id, app_id), as the store of record has it."""
-    rows = db_rows(broker, "SELECT session_id, device_id, user_id, app_id FROM sessions")
-    return {str(r[0]): (str(r[1]), str(r[2]), str(r[3])) for r in rows}
+def bound_to(broker: RunningBroker, session_id: str) -> tuple[str, str, str]:
+    """(device_id, user_id, app_id) of a session, as the store of record has it."""
+    record = session_row(broker, session_id)
+    assert record is not None, f"no session {session_id}"
+    return record.device_id, record.user_id, record.app_id
 
 
 async def watch_until_frames(app, device_id: str) -> tuple[object, list[bytes]]:
@@ -103,10 +105,9 @@ def test_i6_reconnect_storm_delivers_every_frame_to_the_right_watcher_only(storm
         return second, ids, users, results, elapsed, attached
 
     second, ids, users, results, elapsed, attached = asyncio.run(scenario())
-    table = sessions_table(second)
     mismatches = []
     for device_id, user, (ticket, plaintexts) in zip(ids, users, results, strict=True):
-        bound = table[ticket.session_id]  # the store of record's binding of this watcher
+        bound = bound_to(second, ticket.session_id)  # the store of record's binding of it
         if bound != (device_id, user.user_id, user.app_id):
             mismatches.append((ticket.session_id, bound))
         for plaintext in plaintexts:

@@ -11,6 +11,7 @@ import pytest
 
 from broker._proto.broker.v1 import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc
 from broker.client.simcam import parse_payload
+from broker.store import SessionOutcome
 from tests.conftest import start_broker, stop_broker
 from tests.helpers import (
     audit_entries,
@@ -85,7 +86,7 @@ def test_i7_teardown_ends_the_live_stream_within_one_second_with_its_reason(
                 after.append(plaintext)
             elapsed = time.monotonic() - start
         row = await eventually(
-            lambda: (r := session_row(broker, ticket.session_id)) and r[5] and r
+            lambda: (r := session_row(broker, ticket.session_id)) and r.bytes and r
         )  # bytes are stored when the Watch handler finishes
         if trigger != "device revoked":  # a revoked camera's Attach stream is closed instead
             await eventually(lambda: cam.stats.streams_stopped == 1)
@@ -96,10 +97,9 @@ def test_i7_teardown_ends_the_live_stream_within_one_second_with_its_reason(
     assert elapsed < 1.0
     assert stream.end_reason == end_reason
     assert {parse_payload(p)[:2] for p in plaintexts} == {("cam-td", ticket.session_id)}
-    device_id, user_id, app_id, outcome, reason, byte_count, ended_at = row
-    assert (device_id, user_id, app_id) == ("cam-td", state.user_id, state.app_id)
-    assert (outcome, reason) == ("ended", row_reason)
-    assert byte_count > 0 and ended_at
+    assert (row.device_id, row.user_id, row.app_id) == ("cam-td", state.user_id, state.app_id)
+    assert (row.outcome, row.reason) == (SessionOutcome.ENDED, row_reason)
+    assert row.bytes > 0 and row.ended_at
     trail = session_audit(broker, ticket.session_id)
     if action is None:  # expiry is noticed by the relay alone: the close records it
         assert [a for a, _ in trail] == ["session.opened", "session.closed"]
@@ -109,7 +109,7 @@ def test_i7_teardown_ends_the_live_stream_within_one_second_with_its_reason(
         cause = [e for e in audit_entries(broker, action)]
         assert len(cause) == 1 and cause[0].detail["sessions_ended"] == [ticket.session_id]
     assert trail[-1][1]["reason"] == end_reason
-    assert trail[-1][1]["bytes"] == byte_count
+    assert trail[-1][1]["bytes"] == row.bytes
 
 
 # -- a restart ends every session; nothing survives with a different binding ---------------------
@@ -169,10 +169,12 @@ def test_i7_broker_restart_ends_all_sessions_and_old_tokens_are_dead(restartable
     assert {parse_payload(p)[:2] for p in before} == {("cam-rs", old.session_id)}
     assert end_reason == "broker restarted"
     for sid in (old.session_id, idle.session_id):
-        device_id, user_id, app_id, outcome, reason, byte_count, ended_at = rows[sid]
-        assert (device_id, user_id, app_id) == ("cam-rs", state.user_id, state.app_id)
-        assert (outcome, reason) == ("ended", "broker restarted") and ended_at
-        assert (byte_count > 0) is (sid == old.session_id)
+        row = rows[sid]
+        assert row is not None
+        assert (row.device_id, row.user_id, row.app_id) == ("cam-rs", state.user_id, state.app_id)
+        assert (row.outcome, row.reason) == (SessionOutcome.ENDED, "broker restarted")
+        assert row.ended_at
+        assert (row.bytes > 0) is (sid == old.session_id)
     # The live one was closed by the stopping broker (with its traffic), the idle one by the new
     # broker's start-up sweep; both with the same reason.
     assert [(a, d["reason"]) for a, d in session_audit(second, old.session_id)[1:]] == [
@@ -206,7 +208,12 @@ def test_i12_list_access_shows_opened_denied_and_ended_sessions_to_the_owner_onl
         idle = await viewer.open_session("cam-la")
         with pytest.raises(grpc.aio.AioRpcError) as denied:
             await stranger.open_session("cam-la")
-        await eventually(lambda: session_row(broker, watched.session_id)[3] == "ended")
+        await eventually(
+            lambda: (
+                (r := session_row(broker, watched.session_id)) is not None
+                and r.outcome is SessionOutcome.ENDED
+            )
+        )
         entries = await owner.list_access("cam-la")
         refusals = {}
         for who, app, device_id in (
@@ -240,4 +247,6 @@ def test_i12_list_access_shows_opened_denied_and_ended_sessions_to_the_owner_onl
     assert (opened.ended_at, opened.bytes, opened.reason) == (0, 0, "")
     assert refused.session_id not in (watched.session_id, idle.session_id)
     assert refused.bytes == 0 and refused.reason == denied.details()
-    assert session_row(broker, refused.session_id)[3:5] == ("denied", denied.details())
+    refused_row = session_row(broker, refused.session_id)
+    assert refused_row is not None
+    assert (refused_row.outcome, refused_row.reason) == (SessionOutcome.DENIED, denied.details())

@@ -27,9 +27,9 @@ from broker.accounts.users import Accounts
 from broker.devices.enrollment import DeviceAuthority
 from broker.errors import FailedPrecondition
 from broker.identity.spiffe import Identity, operator
+from broker.pemfile import read_certificates
 from broker.pki.ca import PkiFiles, load_authority
 from broker.pki.crl import NEXT_UPDATE, build_crls, crls_pem
-from broker.pki.pemfile import read_certificates
 from broker.pki.rotation import retire_root, rotate_intermediate, rotate_root
 from broker.store.sqlite import SqliteStore
 from tests.helpers import (
@@ -302,7 +302,7 @@ def test_the_crl_linter_does_find_errors(core):
     """The assembled linter is not vacuous: a CRL without a CRL number or AKI is an ERROR."""
     from cryptography.hazmat.primitives import hashes
 
-    from broker.pki.pemfile import read_private_key
+    from broker.pemfile import read_private_key
 
     ca = issuing(core.pki.files)
     now = core.pki.clock.now().replace(microsecond=0)

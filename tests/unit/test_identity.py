@@ -23,10 +23,10 @@ from broker.identity.spiffe import (
     from_certificate,
     operator,
     parse_spiffe_id,
-    single_uri_san,
     validate_device_id,
     validate_trust_domain,
 )
+from broker.protocol.spiffe_id import single_uri_san
 
 TD = "camera.local"
 # The reference pattern from the brief, anchored with \A...\Z so no trailing newline slips in.
