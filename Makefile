@@ -84,7 +84,7 @@ audit-verify: $(STAMP) ## check the audit log's hash chain
 	@$(BROKER) audit verify
 
 bench: $(STAMP) ## enrollment benchmark (prints medians)
-	$(PY) bench/enroll.py
+	$(PY) -m bench.enroll
 
 clean: ## remove the venv and caches (keeps certs/ and var/)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

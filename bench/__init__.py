@@ -1,1 +1,2 @@
-"""Benchmarks (run as scripts or with ``python -m bench.<name>``); not part of the broker package."""
+"""Benchmarks: ``python -m bench.<name>`` (enroll, sessions, relay, storm), each a short module on
+the shared harness in bench/harness; not part of the broker package."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -18,12 +19,21 @@ from broker.config import Config, from_environment
 from broker.errors import BrokerError
 from broker.pki.ca import PkiFiles, init_pki
 from broker.pki.rotation import RotationReport
+from broker.store import Store
 
 log = logging.getLogger("broker")
 
 
 def _config(args: argparse.Namespace) -> Config:
-    return from_environment(Path(args.home) if args.home else None)
+    config = from_environment(Path(args.home) if args.home else None)
+    store = getattr(args, "store", None)
+    return dataclasses.replace(config, store_url=store) if store else config
+
+
+def _open_store(config: Config, *, migrate: bool = True) -> Store:
+    from broker.store.open import open_store
+
+    return open_store(config, migrate=migrate)
 
 
 def _raise_open_file_limit() -> None:
@@ -68,9 +78,8 @@ def _register_offline(config: Config, actor: str) -> None:
     """Tell the store about operator/broker certificates made offline (else they are refused)."""
     from broker.devices.enrollment import DeviceAuthority
     from broker.pki.ca import load_authority
-    from broker.store.sqlite import SqliteStore
 
-    store = SqliteStore(config.database)
+    store = _open_store(config)
     try:
         clock = SystemClock()
         devices = DeviceAuthority(config, load_authority(config, clock), store, clock)
@@ -140,13 +149,14 @@ def cmd_revoke_device(args: argparse.Namespace) -> int:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from broker.audit.chain import verify_chain
-    from broker.store.sqlite import SqliteStore
+    from broker.store.open import store_url
 
     config = _config(args)
-    if not config.database.exists():
+    if not config.store_url and not config.database.exists():
         print(f"no database at {config.database}", file=sys.stderr)
         return 2
-    store = SqliteStore(config.database, migrate=False)
+    store = _open_store(config, migrate=False)
+    print(f"store: {_redacted(store_url(config))}")
     try:
         result = verify_chain(store.audit_entries())
     finally:
@@ -163,15 +173,12 @@ def _audit_local(config: Config, action: str, detail: dict[str, object]) -> None
     import getpass
 
     from broker.audit.chain import AuditEvent
-    from broker.store.sqlite import SqliteStore
 
-    store = SqliteStore(config.database)
+    store = _open_store(config)
     try:
-        with store.transaction() as tx:
-            tx.append_audit(
-                AuditEvent(f"cli:{getpass.getuser()}", action, "pki", detail),
-                int(SystemClock().now().timestamp() * 1000),
-            )
+        event = AuditEvent(f"cli:{getpass.getuser()}", action, "pki", detail)
+        at_ms = int(SystemClock().now().timestamp() * 1000)
+        store.run(lambda tx: tx.append_audit(event, at_ms))
     finally:
         store.close()
 
@@ -238,11 +245,10 @@ def cmd_retire_root(args: argparse.Namespace) -> int:
     from broker.pki.rotation import retire_root
     from broker.pki.trust import load_trust_bundle
     from broker.protocol.tokens import load_keyring
-    from broker.store.sqlite import SqliteStore
 
     def run(config: Config) -> RotationReport:
         version = load_trust_bundle(config, load_keyring(config.certs_dir).jwks_json()).version
-        store = SqliteStore(config.database)
+        store = _open_store(config)
         try:
             return retire_root(config, store, version, force=args.force, clock=SystemClock())
         finally:
@@ -254,11 +260,10 @@ def cmd_retire_root(args: argparse.Namespace) -> int:
 def cmd_crl(args: argparse.Namespace) -> int:
     from broker.pemfile import write_atomic
     from broker.pki.crl import build_crls, crls_pem
-    from broker.store.sqlite import SqliteStore
 
     config = _config(args)
     files = PkiFiles(config.certs_dir)
-    store = SqliteStore(config.database)
+    store = _open_store(config)
     try:
         crls = build_crls(files, store, SystemClock())
     finally:
@@ -309,6 +314,36 @@ def cmd_factory_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _redacted(url: str) -> str:
+    """A store URL fit for a log line: any password replaced (I11)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def cmd_db_migrate(args: argparse.Namespace) -> int:
+    from broker.store.open import store_url
+
+    config = _config(args)
+    store = _open_store(config, migrate=False)
+    try:
+        before = store.schema_version()
+        store.migrate()
+        after = store.schema_version()
+    finally:
+        store.close()
+    target = _redacted(store_url(config))
+    if before == after:
+        print(f"{target}: schema v{after}, up to date")
+    else:
+        print(f"{target}: schema v{before} -> v{after}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="broker", description=__doc__)
     parser.add_argument(
@@ -316,11 +351,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
+    store_help = (
+        "store URL: sqlite:///<path under home> or postgresql://... "
+        "(default: $BROKER_STORE, else sqlite:///var/broker.db)"
+    )
     serve = sub.add_parser("serve", help="run the broker in the foreground")
     serve.add_argument(
         "--init-pki", action="store_true", help="create the dev PKI first if missing"
     )
+    serve.add_argument("--store", help=store_help)
     serve.set_defaults(func=cmd_serve)
+
+    db = sub.add_parser("db", help="store of record").add_subparsers(
+        dest="db_command", required=True
+    )
+    migrate = db.add_parser("migrate", help="bring the store's schema up to date")
+    migrate.add_argument("--store", help=store_help)
+    migrate.set_defaults(func=cmd_db_migrate)
 
     ca = sub.add_parser("ca", help="PKI").add_subparsers(dest="ca_command", required=True)
     ca.add_parser("init", help="create the dev PKI (idempotent)").set_defaults(func=cmd_ca_init)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
@@ -15,6 +16,7 @@ from broker.config import Config
 from broker.pki.ca import PkiFiles, init_pki
 from broker.service.server import BrokerServer
 from tests.helpers import Pki, RunningBroker
+from tests.pg import fresh_database, integration_backend
 
 
 def start_broker(home: Path, clock: FakeClock | None = None, **overrides: object) -> RunningBroker:
@@ -63,9 +65,17 @@ def stop_broker(broker: RunningBroker) -> None:
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[RunningBroker]:
-    running = start_broker(tmp_path)
-    yield running
-    stop_broker(running)
+    """A running broker on the suite's backend: SQLite, or a fresh PostgreSQL database when
+    BROKER_TEST_BACKEND=postgres (tests.pg)."""
+    with ExitStack() as stack:
+        store_url = ""
+        if integration_backend() == "postgres":
+            store_url = stack.enter_context(fresh_database())
+        running = start_broker(tmp_path, store_url=store_url)
+        try:
+            yield running
+        finally:
+            stop_broker(running)
 
 
 @pytest.fixture

@@ -53,7 +53,6 @@ if TYPE_CHECKING:
     from broker.client.simcam import SimulatedCamera
     from broker.identity.spiffe import Identity
     from broker.service.server import BrokerServer
-    from broker.store.sqlite import SqliteStore
 
 T = TypeVar("T")
 
@@ -104,11 +103,16 @@ class RunningBroker:
 
         return Endpoints(self.bootstrap, self.main)
 
-    def store(self) -> SqliteStore:
-        """A separate connection to the broker's database, for checking what was written."""
-        from broker.store.sqlite import SqliteStore
+    def store(self) -> Store:
+        """A separate connection to the broker's store (either backend), for checking what was
+        written."""
+        from broker.store.open import open_store
 
-        return SqliteStore(self.config.database)
+        return open_store(self.config)
+
+    @property
+    def on_postgres(self) -> bool:
+        return self.config.store_url.startswith("postgresql://")
 
     def on_loop(self, coro: Coroutine[Any, Any, T], timeout: float = 10) -> T:
         """Run a coroutine on the broker's event loop (e.g. to inspect presence)."""
@@ -445,7 +449,14 @@ _COLUMN = re.compile(r"[a-z_]+")
 
 
 def uncontracted_rows(broker: RunningBroker, sql: str, *args: object) -> list[tuple[Any, ...]]:
-    """Rows from a read-only connection to the broker's database (no contract method)."""
+    """Rows from a read-only connection to the broker's database (no contract method). SQL uses
+    ``?`` placeholders on either backend."""
+    if broker.on_postgres:
+        import psycopg
+
+        with psycopg.connect(broker.config.store_url) as pg:
+            pg.read_only = True
+            return [tuple(row) for row in pg.execute(sql.replace("?", "%s"), args).fetchall()]
     import sqlite3
 
     conn = sqlite3.connect(f"file:{broker.config.database}?mode=ro", uri=True)
@@ -453,6 +464,36 @@ def uncontracted_rows(broker: RunningBroker, sql: str, *args: object) -> list[tu
         return list(conn.execute(sql, args).fetchall())
     finally:
         conn.close()
+
+
+def table_names(broker: RunningBroker) -> list[str]:
+    """Every table of the broker's schema, on either backend."""
+    sql = (
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+        if broker.on_postgres
+        else "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+    )
+    return sorted(str(name) for (name,) in uncontracted_rows(broker, sql))
+
+
+def table_counts(broker: RunningBroker) -> dict[str, int]:
+    """Row count of every table ("nothing was written" = no change between two calls)."""
+    return {
+        name: int(uncontracted_rows(broker, f'SELECT COUNT(*) FROM "{name}"')[0][0])
+        for name in table_names(broker)
+    }
+
+
+def stored_bytes(broker: RunningBroker) -> list[bytes]:
+    """Everything the store holds, as bytes to search (e.g. for a secret that must not be there):
+    the SQLite files, or every PostgreSQL row as text."""
+    if broker.on_postgres:
+        return [
+            str(row).encode()
+            for name in table_names(broker)
+            for row in uncontracted_rows(broker, f'SELECT * FROM "{name}"')
+        ]
+    return [path.read_bytes() for path in broker.config.database.parent.iterdir()]
 
 
 def count_rows(broker: RunningBroker, table: UncontractedTable, **equals: str) -> int:

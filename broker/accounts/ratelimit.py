@@ -1,54 +1,45 @@
-"""Failure counters over a sliding window, for login and claim-code throttling (I8)."""
+"""Failure budgets over a sliding window, for login and claim-code throttling (I8).
+
+Counted in the store of record, inside the caller's transaction: every broker process shares one
+budget, and a restart (or a kill -9) does not hand an attacker a fresh one.
+"""
 
 from __future__ import annotations
 
-import threading
-from collections import deque
+from dataclasses import dataclass
 
-from broker.clock import Clock
+from broker.clock import Clock, now_ms
 from broker.errors import ResourceExhausted
+from broker.store import Transaction
 
-MAX_KEYS = 200_000
 
-
+@dataclass(frozen=True, slots=True)
 class FailureLimiter:
-    """Allows at most ``limit`` failures per key within ``window`` seconds."""
+    """At most ``limit`` failures per key of one scope within ``window`` seconds."""
 
-    def __init__(self, clock: Clock, limit: int, window: float, what: str) -> None:
-        self._clock = clock
-        self._limit = limit
-        self._window = window
-        self._what = what
-        self._failures: dict[str, deque[float]] = {}
-        self._lock = threading.Lock()
+    clock: Clock
+    scope: str
+    limit: int
+    window: float
+    what: str
 
-    def _recent(self, key: str, now: float) -> deque[float]:
-        events = self._failures.get(key)
-        if events is None:
-            return deque()
-        while events and events[0] <= now - self._window:
-            events.popleft()
-        if not events:
-            del self._failures[key]
-        return events
+    def _since(self) -> int:
+        return now_ms(self.clock) - int(self.window * 1000)
 
-    def check(self, key: str) -> None:
-        """Raise ResourceExhausted (with a retry delay) when key has used up its failures."""
-        now = self._clock.now().timestamp()
-        with self._lock:
-            events = self._recent(key, now)
-            if len(events) >= self._limit:
-                retry = max(1.0, events[0] + self._window - now)
-                raise ResourceExhausted(f"too many {self._what}; retry in {int(retry)} s", retry)
+    def check(self, tx: Transaction, key: str) -> int:
+        """Raise ResourceExhausted (with a retry delay) when key has used up its failures;
+        else return how many it has used."""
+        count, oldest = tx.count_failures(self.scope, key, self._since())
+        if count >= self.limit:
+            now = now_ms(self.clock)
+            retry = max(1.0, ((oldest or now) + self.window * 1000 - now) / 1000)
+            raise ResourceExhausted(f"too many {self.what}; retry in {int(retry)} s", retry)
+        return count
 
-    def fail(self, key: str) -> None:
-        """Count one failure for key."""
-        now = self._clock.now().timestamp()
-        with self._lock:
-            if len(self._failures) >= MAX_KEYS:
-                self._failures.pop(next(iter(self._failures)))
-            self._failures.setdefault(key, deque()).append(now)
+    def fail(self, tx: Transaction, key: str) -> None:
+        """Count one failure for key (and forget this scope's failures older than the window)."""
+        tx.record_failure(self.scope, key, now_ms(self.clock), self._since())
 
-    def reset(self, key: str) -> None:
-        with self._lock:
-            self._failures.pop(key, None)
+    def reset(self, tx: Transaction, key: str) -> None:
+        """Forget key's failures (a success)."""
+        tx.clear_failures(self.scope, key)

@@ -93,12 +93,14 @@ class Accounts:
         self._hasher = hasher
         self._per_user = FailureLimiter(
             clock,
+            "login.user",
             config.login_failures_per_user,
             config.login_window_seconds,
             "failed logins for this user",
         )
         self._per_peer = FailureLimiter(
             clock,
+            "login.peer",
             config.login_failures_per_peer,
             config.login_window_seconds,
             "failed logins from this address",
@@ -113,11 +115,16 @@ class Accounts:
         check_password_policy(password)
         password_hash = self._hasher.hash(password)
         user_id = new_id("u")
-        with self._store.transaction() as tx:
+
+        def unit(tx: Transaction) -> None:
             if tx.get_user_by_username(name) is not None:
                 raise AlreadyExists("that username is taken")
             tx.insert_user(UserRecord(user_id, name, password_hash, now_s(self._clock)))
-            self._recorder.append(tx, AuditEvent("anonymous", "user.created", user_id, {"username": name}))
+            self._recorder.append(
+                tx, AuditEvent("anonymous", "user.created", user_id, {"username": name})
+            )
+
+        self._store.run(unit)
         return user_id
 
     # -- login -----------------------------------------------------------------------------------
@@ -130,19 +137,26 @@ class Accounts:
             name = normalize_username(username)
         except InvalidArgument:
             name = ""
-        self._per_peer.check(peer)
-        if name:
-            self._per_user.check(name)
         with self._store.read() as tx:
+            self._per_peer.check(tx, peer)
+            used = self._per_user.check(tx, name) if name else 0
             user = tx.get_user_by_username(name) if name else None
+        # argon2 runs outside any transaction: concurrent guesses can overshoot a budget by the
+        # number in flight, never more (each failure is counted before its error is returned).
         if not self._hasher.verify(user.password_hash if user else None, password) or user is None:
-            self._per_peer.fail(peer)
-            if name:
-                self._per_user.fail(name)
-            with self._store.transaction() as tx:
-                self._recorder.append(tx, AuditEvent("anonymous", "user.login.denied", name, {"peer": peer}))
+
+            def denied(tx: Transaction) -> None:
+                self._per_peer.fail(tx, peer)
+                if name:
+                    self._per_user.fail(tx, name)
+                self._recorder.append(
+                    tx, AuditEvent("anonymous", "user.login.denied", name, {"peer": peer})
+                )
+
+            self._store.run(denied)
             raise Unauthenticated(LOGIN_FAILED)
-        self._per_user.reset(name)
+        if used:
+            self._store.run(lambda tx: self._per_user.reset(tx, name))
         return user
 
     # -- app instances -----------------------------------------------------------------------
@@ -152,12 +166,15 @@ class Accounts:
         label = check_label(label)
         app_id = new_id("a")
         identity = Identity(Kind.APP, self._config.trust_domain, user.user_id, app_id)
-        with self._store.transaction() as tx:
+
+        def unit(tx: Transaction) -> IssuedCertificate:
             if not self._certs.key_is_free(tx, key, identity):
                 raise PermissionDenied(
                     "this public key already belongs to another identity: make a new key"
                 )
-            tx.insert_app(AppRecord(app_id, user.user_id, label, DeviceState.ACTIVE, now_s(self._clock)))
+            tx.insert_app(
+                AppRecord(app_id, user.user_id, label, DeviceState.ACTIVE, now_s(self._clock))
+            )
             issued = self._issue(tx, identity, key)
             self._recorder.append(
                 tx,
@@ -168,12 +185,15 @@ class Accounts:
                     {"app_id": app_id, "serial": issued.serial, "label": label},
                 ),
             )
-        return AppEnrollment(identity, issued)
+            return issued
+
+        return AppEnrollment(identity, self._store.run(unit))
 
     def renew_app(self, caller: Identity, csr_pem: str) -> IssuedCertificate:
         """A new certificate for the calling app instance; the old one is superseded."""
         key = public_key_from_csr(csr_pem)
-        with self._store.transaction() as tx:
+
+        def unit(tx: Transaction) -> IssuedCertificate:
             app = tx.get_app(caller.app_id)
             if app is None or app.state is not DeviceState.ACTIVE or app.user_id != caller.name:
                 raise Unauthenticated("app instance is signed out or revoked")
@@ -181,7 +201,7 @@ class Accounts:
                 raise PermissionDenied(
                     "this public key already belongs to another identity: make a new key"
                 )
-            issued = self._certs.renew(
+            return self._certs.renew(
                 tx,
                 self._ca,
                 caller,
@@ -189,7 +209,8 @@ class Accounts:
                 dt.timedelta(days=self._config.app_cert_days),
                 caller.app_id,
             )
-        return issued
+
+        return self._store.run(unit)
 
     def _issue(self, tx: Transaction, identity: Identity, key: PublicKey) -> IssuedCertificate:
         issued = self._ca.issue(key, identity, dt.timedelta(days=self._config.app_cert_days))
@@ -213,7 +234,8 @@ class Accounts:
         its live sessions end."""
         now = now_s(self._clock)
         spiffe = Identity(Kind.APP, self._config.trust_domain, user_id, app_id).spiffe_id
-        with self._store.transaction() as tx:
+
+        def unit(tx: Transaction) -> list[str]:
             app = tx.get_app(app_id)
             if app is None or app.user_id != user_id:
                 raise Unauthenticated("no such app instance")
@@ -222,7 +244,9 @@ class Accounts:
             tx.revoke_app(app_id, now)
             serials = tx.revoke_certificates(spiffe, now, reason)
             open_ids = [s.session_id for s in tx.open_sessions(app_id=app_id)]
-            ended = end_sessions_audited(tx, open_ids, now, now_ms(self._clock), reason, actor.spiffe_id)
+            ended = end_sessions_audited(
+                tx, open_ids, now, now_ms(self._clock), reason, actor.spiffe_id
+            )
             self._recorder.append(
                 tx,
                 AuditEvent(
@@ -237,6 +261,9 @@ class Accounts:
                     },
                 ),
             )
+            return ended
+
+        ended = self._store.run(unit)
         live_reason = (
             "app instance signed out" if actor.spiffe_id == spiffe else "app instance revoked"
         )

@@ -252,7 +252,9 @@ class DeviceClient(IdentityDir):
         the roots held); True when it differed. A retired root shows up only this way when the
         bundle without it was never pushed (the stream it would have come on was ended)."""
         details = error.details() or ""
-        refused_in_handshake = "failed to connect" in details and "Connection refused" not in details
+        refused_in_handshake = (
+            "failed to connect" in details and "Connection refused" not in details
+        )
         if error.code() is not grpc.StatusCode.UNAVAILABLE or not refused_in_handshake:
             return False  # a status the broker sent, or no broker listening: nothing to learn
         try:

@@ -93,8 +93,7 @@ class DeviceAuthority:
     # -- helpers -------------------------------------------------------------------------------
     def _deny(self, error: PermissionDenied | FailedPrecondition, event: AuditEvent) -> NoReturn:
         """Record a refusal in its own transaction (the refused one rolled back), then raise it."""
-        with self._store.transaction() as tx:
-            self._recorder.append(tx, event)
+        self._store.run(lambda tx: self._recorder.append(tx, event))
         raise error
 
     def create_enrollment_token(
@@ -109,7 +108,8 @@ class DeviceAuthority:
             )
         token = new_enrollment_token()
         now = now_s(self._clock)
-        with self._store.transaction() as tx:
+
+        def unit(tx: Transaction) -> None:
             existing = tx.get_device(device_id)
             if existing is not None and existing.state is DeviceState.REVOKED:
                 raise FailedPrecondition(
@@ -129,6 +129,8 @@ class DeviceAuthority:
                     {"expires_at": now + ttl},
                 ),
             )
+
+        self._store.run(unit)
         return EnrollmentToken(device_id, token, now + ttl)
 
     # -- enrollment ------------------------------------------------------------------------------
@@ -146,19 +148,22 @@ class DeviceAuthority:
             )
         token_hash = secret_hash(token)
         now = now_s(self._clock)
+
+        def unit(tx: Transaction) -> Enrollment:
+            record = tx.consume_enrollment_token(token_hash, now)
+            if record is None:
+                known = tx.get_enrollment_token(token_hash)
+                reason = _token_refusal_reason(known, now)
+                raise _Refused(reason, known.device_id if known else "")
+            identity = device(self._config.trust_domain, record.device_id)
+            refusal = self._enrollment_refusal(tx, identity, key)
+            if refusal is not None:
+                # Raising rolls the transaction back: a refused enrollment leaves the token unused.
+                raise _Refused(refusal, record.device_id)
+            return self._enroll(tx, identity, key, via="token")
+
         try:
-            with self._store.transaction() as tx:
-                record = tx.consume_enrollment_token(token_hash, now)
-                if record is None:
-                    known = tx.get_enrollment_token(token_hash)
-                    reason = _token_refusal_reason(known, now)
-                    raise _Refused(reason, known.device_id if known else "")
-                identity = device(self._config.trust_domain, record.device_id)
-                refusal = self._enrollment_refusal(tx, identity, key)
-                if refusal is not None:
-                    # Raising rolls the transaction back: a refused enrollment leaves the token unused.
-                    raise _Refused(refusal, record.device_id)
-                return self._enroll(tx, identity, key, via="token")
+            return self._store.run(unit)
         except _Refused as refused:
             self._deny(
                 PermissionDenied(_refusal_message(refused.reason)),
@@ -176,10 +181,17 @@ class DeviceAuthority:
         """Enroll (or re-enroll) the device a TLS-verified factory birth certificate names."""
         key = public_key_from_csr(csr_pem)
         identity = device(self._config.trust_domain, birth_device_id)
-        with self._store.transaction() as tx:
+
+        def unit(tx: Transaction) -> Enrollment | str:
             refusal = self._enrollment_refusal(tx, identity, key)
             if refusal is None:
                 return self._enroll(tx, identity, key, via=f"birth:{birth_serial}")
+            return refusal
+
+        outcome = self._store.run(unit)
+        if isinstance(outcome, Enrollment):
+            return outcome
+        refusal = outcome
         self._deny(
             PermissionDenied(_refusal_message(refusal)),
             AuditEvent(
@@ -208,7 +220,11 @@ class DeviceAuthority:
         if existing is None:
             tx.insert_device(
                 DeviceRecord(
-                    identity.name, DeviceState.ACTIVE, now_s(self._clock), via, claim_code_hash(claim_code)
+                    identity.name,
+                    DeviceState.ACTIVE,
+                    now_s(self._clock),
+                    via,
+                    claim_code_hash(claim_code),
                 )
             )
         elif existing.claim_code_hash is not None:
@@ -216,7 +232,9 @@ class DeviceAuthority:
         else:
             claim_code = ""  # already owned: no claim code to hand out
         self._certs.record_issued(tx, identity, issued, key)
-        superseded = tx.supersede_certificates(identity.spiffe_id, issued.serial, now_s(self._clock))
+        superseded = tx.supersede_certificates(
+            identity.spiffe_id, issued.serial, now_s(self._clock)
+        )
         self._recorder.append(
             tx,
             AuditEvent(
@@ -238,13 +256,14 @@ class DeviceAuthority:
         key = public_key_from_csr(csr_pem)
         if caller.kind is not Kind.DEVICE:
             raise PermissionDenied("only device certificates are renewed here")
-        with self._store.transaction() as tx:
+
+        def unit(tx: Transaction) -> IssuedCertificate:
             record = tx.get_device(caller.name)
             if record is None or record.state is not DeviceState.ACTIVE:
                 raise Unauthenticated("device is not active")
             if not self._certs.key_is_free(tx, key, caller):
                 raise PermissionDenied(_refusal_message("key bound to another identity"))
-            issued = self._certs.renew(
+            return self._certs.renew(
                 tx,
                 self._ca,
                 caller,
@@ -252,7 +271,8 @@ class DeviceAuthority:
                 dt.timedelta(days=self._config.device_cert_days),
                 caller.name,
             )
-        return issued
+
+        return self._store.run(unit)
 
     # -- revocation ------------------------------------------------------------------------------
     def revoke_device(self, actor: Identity, device_id: str, reason: str) -> DeviceRevoked:
@@ -262,7 +282,8 @@ class DeviceAuthority:
             raise InvalidArgument("reason must be at most 200 characters")
         identity = device(self._config.trust_domain, device_id)
         now = now_s(self._clock)
-        with self._store.transaction() as tx:
+
+        def unit(tx: Transaction) -> tuple[list[str], list[str]]:
             record = tx.get_device(device_id)
             if record is not None and record.state is DeviceState.REVOKED:
                 raise FailedPrecondition(f"device {device_id} is already revoked")
@@ -297,6 +318,9 @@ class DeviceAuthority:
                     },
                 ),
             )
+            return serials, ended
+
+        serials, ended = self._store.run(unit)
         return DeviceRevoked(
             tuple(serials),
             Effects(
@@ -343,13 +367,12 @@ class DeviceAuthority:
 
     def audit(self, event: AuditEvent) -> None:
         """Append one audit entry in its own transaction."""
-        with self._store.transaction() as tx:
-            self._recorder.append(tx, event)
+        self._store.run(lambda tx: self._recorder.append(tx, event))
 
     def record_presence(self, device_id: str, trust_bundle_version: str) -> None:
         """Remember that the device attached now holding that trust bundle version."""
-        with self._store.transaction() as tx:
-            tx.record_presence(device_id, now_s(self._clock), trust_bundle_version)
+        now = now_s(self._clock)
+        self._store.run(lambda tx: tx.record_presence(device_id, now, trust_bundle_version))
 
     # -- per-call certificate check (I1, I7) -------------------------------------------------------
     def check_presented(
@@ -407,7 +430,8 @@ class DeviceAuthority:
 
         serial = serial_hex(cert.serial_number)
         key = cert.public_key()
-        with self._store.transaction() as tx:
+
+        def unit(tx: Transaction) -> bool:
             if tx.get_certificate(serial) is not None:
                 return False
             tx.insert_certificate(
@@ -434,7 +458,9 @@ class DeviceAuthority:
                     {"serial": serial, "offline": True},
                 ),
             )
-        return True
+            return True
+
+        return self._store.run(unit)
 
 
 class _Refused(Exception):

@@ -57,12 +57,14 @@ class Ownership:
         self._recorder = AuditRecorder(clock)
         self._claims_per_user = FailureLimiter(
             clock,
+            "claim.user",
             config.claim_failures_per_user,
             config.claim_window_seconds,
             "wrong claim codes from this user",
         )
         self._claims_per_device = FailureLimiter(
             clock,
+            "claim.device",
             config.claim_failures_per_device,
             config.claim_window_seconds,
             "wrong claim codes for this device",
@@ -72,12 +74,17 @@ class Ownership:
     def claim(self, caller: Identity, device_id: str, claim_code: str) -> None:
         """Make the caller's user the owner, if the single-use code matches (I8)."""
         validate_device_id(device_id)
-        self._claims_per_user.check(caller.name)
-        self._claims_per_device.check(device_id)
-        with self._store.transaction() as tx:
+
+        def unit(tx: Transaction) -> bool:
+            # Budgets are checked and spent in the claim's own transaction: writers are
+            # serialized, so concurrent wrong codes can never exceed them (I8).
+            self._claims_per_user.check(tx, caller.name)
+            self._claims_per_device.check(tx, device_id)
             if claim_code and tx.claim_device(device_id, claim_code_hash(claim_code)):
                 tx.insert_grant(
-                    GrantRecord(device_id, caller.name, Role.OWNER, caller.spiffe_id, now_s(self._clock))
+                    GrantRecord(
+                        device_id, caller.name, Role.OWNER, caller.spiffe_id, now_s(self._clock)
+                    )
                 )
                 self._recorder.append(
                     tx,
@@ -85,23 +92,27 @@ class Ownership:
                         caller.spiffe_id, "device.claimed", device_id, {"user_id": caller.name}
                     ),
                 )
-                return
-        self._claims_per_user.fail(caller.name)
-        self._claims_per_device.fail(device_id)
-        with self._store.transaction() as tx:
+                return True
+            self._claims_per_user.fail(tx, caller.name)
+            self._claims_per_device.fail(tx, device_id)
             self._recorder.append(
                 tx,
                 AuditEvent(
                     caller.spiffe_id, "device.claim.denied", device_id, {"user_id": caller.name}
                 ),
             )
+            return False
+
+        if self._store.run(unit):
+            return
         raise PermissionDenied(CLAIM_REFUSED)
 
     def reset(self, device: Identity) -> OwnershipReset:
         """Factory reset: drop owner and shares, end their sessions, issue a new claim code."""
         code = new_claim_code()
         now = now_s(self._clock)
-        with self._store.transaction() as tx:
+
+        def unit(tx: Transaction) -> list[str]:
             record = tx.get_device(device.name)
             if record is None or record.state is not DeviceState.ACTIVE:
                 raise FailedPrecondition("device is not active")
@@ -123,6 +134,9 @@ class Ownership:
                     },
                 ),
             )
+            return ended
+
+        ended = self._store.run(unit)
         return OwnershipReset(
             code,
             tuple(ended),
@@ -146,7 +160,8 @@ class Ownership:
         now = now_s(self._clock)
         if expires_at and expires_at <= now:
             raise InvalidArgument("expires_at must be in the future (or 0 for no expiry)")
-        with self._store.transaction() as tx:
+
+        def unit(tx: Transaction) -> str:
             self._require_owner(tx, caller, device_id)
             user = tx.get_user_by_username(name)
             if user is None:
@@ -168,7 +183,9 @@ class Ownership:
                     {"user_id": user.user_id, "expires_at": expires_at},
                 ),
             )
-        return user.user_id
+            return user.user_id
+
+        return self._store.run(unit)
 
     def revoke_share(self, caller: Identity, device_id: str, username: str) -> ShareRevoked:
         """Withdraw a VIEWER grant; that viewer's sessions on the device end."""
@@ -176,7 +193,8 @@ class Ownership:
 
         validate_device_id(device_id)
         name = normalize_username(username)
-        with self._store.transaction() as tx:
+
+        def unit(tx: Transaction) -> tuple[str, list[str]]:
             self._require_owner(tx, caller, device_id)
             user = tx.get_user_by_username(name)
             grant = tx.get_grant(device_id, user.user_id) if user else None
@@ -187,7 +205,12 @@ class Ownership:
                 s.session_id for s in tx.open_sessions(device_id=device_id, user_id=user.user_id)
             ]
             ended = end_sessions_audited(
-                tx, open_ids, now_s(self._clock), now_ms(self._clock), "share revoked", caller.spiffe_id
+                tx,
+                open_ids,
+                now_s(self._clock),
+                now_ms(self._clock),
+                "share revoked",
+                caller.spiffe_id,
             )
             self._recorder.append(
                 tx,
@@ -198,12 +221,15 @@ class Ownership:
                     {"user_id": user.user_id, "sessions_ended": ended},
                 ),
             )
+            return user.user_id, ended
+
+        user_id, ended = self._store.run(unit)
         return ShareRevoked(
             tuple(ended),
             Effects(
                 end_sessions=(
                     EndSessions(
-                        "share revoked", tuple(ended), device_id=device_id, user_id=user.user_id
+                        "share revoked", tuple(ended), device_id=device_id, user_id=user_id
                     ),
                 )
             ),

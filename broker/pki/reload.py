@@ -50,7 +50,9 @@ class PkiReloader:
         keyring = load_keyring(self._config.certs_dir)
         self._on_keyring(keyring)
         bundle = load_trust_bundle(self._config, keyring.jwks_json())
-        trust = TrustChanged(bundle, bundle.version != current_version, tuple(trusted_issuing(files)))
+        trust = TrustChanged(
+            bundle, bundle.version != current_version, tuple(trusted_issuing(files))
+        )
         return PkiReloaded(
             bundle,
             serial_hex(self._authority.certificate.serial_number),

@@ -63,8 +63,8 @@ from broker.service.tls import ReloadingCredentials
 from broker.sessions.presence import Presence
 from broker.sessions.relay import RESTART_REASON, Relay, alarm_event
 from broker.sessions.sessions import Sessions
-from broker.store.groupcommit import GroupCommitExecutor
-from broker.store.sqlite import SqliteStore
+from broker.store import Store
+from broker.store.open import open_store
 
 log = logging.getLogger("broker.server")
 
@@ -111,12 +111,12 @@ class BrokerServer:
     """The three listeners of one broker process, sharing one Runtime."""
 
     def __init__(
-        self, config: Config, clock: Clock | None = None, store: SqliteStore | None = None
+        self, config: Config, clock: Clock | None = None, store: Store | None = None
     ) -> None:
         self.config = config
         self.clock = clock or SystemClock()
         self.files = PkiFiles(config.certs_dir)
-        self.store = store or SqliteStore(config.database)
+        self.store = store or open_store(config)
         authority = load_authority(config, self.clock)
         self.devices = DeviceAuthority(config, authority, self.store, self.clock)
         keyring = load_keyring(config.certs_dir)
@@ -134,7 +134,7 @@ class BrokerServer:
             Relay(presence, self.clock, self._alarm),
             PkiReloader(config, authority, sessions.reload_keyring),
             self.store,
-            executor=GroupCommitExecutor(self.store),
+            executor=self.store.core_executor(),
         )
         self.effects = EffectsApplier(self.runtime)
         self._background: list[asyncio.Task[None]] = []

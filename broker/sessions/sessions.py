@@ -15,7 +15,7 @@ from broker.devices.ownership import require_grant
 from broker.errors import InvalidArgument, PermissionDenied
 from broker.identity.spiffe import Identity, Kind, device, validate_device_id
 from broker.protocol.tokens import SCOPE_VIEW, SessionClaims, TokenKeyring, TokenVerifier, key_hash
-from broker.store import Role, SessionOutcome, SessionRecord, Store
+from broker.store import Role, SessionOutcome, SessionRecord, Store, Transaction
 
 X25519_KEY_BYTES = 32
 
@@ -112,11 +112,12 @@ class Sessions:
             cnf_thumbprint,
         )
         at_ms = int(self._clock.now().timestamp() * 1000)
-        with self._store.transaction() as tx:
+
+        def opening(tx: Transaction) -> OpenedSession | PermissionDenied:
             try:
                 require_grant(tx, caller.name, device_id, now)
             except PermissionDenied as denied:
-                denial = denied
+                return denied
             else:
                 tx.insert_session(record)
                 tx.append_audit(
@@ -141,7 +142,13 @@ class Sessions:
                     app_id=caller.app_id,
                 )
                 return OpenedSession(session_id, self._keyring.sign(claims), expires_at)
-        with self._store.transaction() as tx:
+
+        opened = self._store.run(opening)
+        if isinstance(opened, OpenedSession):
+            return opened
+        denial = opened
+
+        def refusal(tx: Transaction) -> None:
             tx.insert_session(
                 SessionRecord(
                     session_id,
@@ -169,6 +176,8 @@ class Sessions:
                 ),
                 at_ms,
             )
+
+        self._store.run(refusal)
         raise denial
 
     def verify_for_watch(
@@ -213,7 +222,8 @@ class Sessions:
     ) -> None:
         """A watched stream finished: store its traffic and audit the close."""
         now = unix(self._clock.now())
-        with self._store.transaction() as tx:
+
+        def closing(tx: Transaction) -> None:
             record = tx.get_session(session_id)
             if record is None:
                 return
@@ -234,13 +244,18 @@ class Sessions:
                 int(self._clock.now().timestamp() * 1000),
             )
 
+        self._store.run(closing)
+
     def end_all_after_restart(self) -> list[str]:
         """No session survives a restart: every open one is ended (apps re-open with new tokens)."""
         now = unix(self._clock.now())
         at_ms = int(self._clock.now().timestamp() * 1000)
-        with self._store.transaction() as tx:
+
+        def ending(tx: Transaction) -> list[str]:
             open_ids = [r.session_id for r in tx.open_sessions()]
             return end_sessions_audited(tx, open_ids, now, at_ms, "broker restarted", "broker")
+
+        return self._store.run(ending)
 
     def access_log(self, caller: Identity, device_id: str) -> list[AccessEntry]:
         """Every session opened or refused on the device, from the audit trail; owner only."""

@@ -115,6 +115,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX certificates_revoked ON certificates(not_after) WHERE status = 'revoked'",
         "CREATE INDEX certificates_subject_status ON certificates(subject, status)",
     ),
+    # v7: failed logins and wrong claim codes are counted in the store, so every broker process
+    # shares one budget and a restart does not hand an attacker a fresh one.
+    (
+        """CREATE TABLE failures (
+            scope TEXT NOT NULL,
+            key TEXT NOT NULL,
+            at_ms INTEGER NOT NULL
+        )""",
+        "CREATE INDEX failures_key ON failures(scope, key, at_ms)",
+        "CREATE INDEX failures_age ON failures(scope, at_ms)",
+    ),
 )
 
 LATEST_VERSION = len(MIGRATIONS)

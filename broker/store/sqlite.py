@@ -10,6 +10,7 @@ import json
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -348,6 +349,24 @@ class SqliteTransaction:
         )
         return cursor.rowcount == 1
 
+    def count_failures(self, scope: str, key: str, since_ms: int) -> tuple[int, int | None]:
+        row = self._conn.execute(
+            "SELECT COUNT(*), MIN(at_ms) FROM failures WHERE scope = ? AND key = ? AND at_ms > ?",
+            (scope, key, since_ms),
+        ).fetchone()
+        return int(row[0]), row[1]
+
+    def record_failure(self, scope: str, key: str, at_ms: int, forget_before_ms: int) -> None:
+        self._conn.execute(
+            "DELETE FROM failures WHERE scope = ? AND at_ms <= ?", (scope, forget_before_ms)
+        )
+        self._conn.execute(
+            "INSERT INTO failures (scope, key, at_ms) VALUES (?, ?, ?)", (scope, key, at_ms)
+        )
+
+    def clear_failures(self, scope: str, key: str) -> None:
+        self._conn.execute("DELETE FROM failures WHERE scope = ? AND key = ?", (scope, key))
+
     def delete_grants(self, device_id: str) -> list[GrantRecord]:
         rows = self._conn.execute(
             f"DELETE FROM grants WHERE device_id = ? RETURNING {GRANT_COLUMNS}", (device_id,)
@@ -496,6 +515,12 @@ class SqliteStore:
             except BaseException:
                 self._conn.close()
                 raise
+
+    def core_executor(self) -> Executor:
+        """One core thread with group commit (one fsync per batch of calls)."""
+        from broker.store.groupcommit import GroupCommitExecutor
+
+        return GroupCommitExecutor(self)
 
     def schema_version(self) -> int:
         with self._lock:

@@ -8,55 +8,25 @@ share state.
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 from broker.store.base import Store
 from broker.store.sqlite import SqliteStore
-
-POSTGRES_ENV = "BROKER_TEST_POSTGRES"
-NO_POSTGRES = (
-    f"PostgreSQL store tests need {POSTGRES_ENV}=postgresql://user@host:port/db "
-    "(a server where that user may CREATE DATABASE); it is not set"
-)
-
-StoreFactory = Callable[..., Any]
-
-
-def postgres_server() -> str:
-    """The admin URL of the test PostgreSQL server, or skip the test."""
-    url = os.environ.get(POSTGRES_ENV, "")
-    if not url:
-        pytest.skip(NO_POSTGRES)
-    return url
-
-
-def with_database(url: str, name: str) -> str:
-    """url with its database name replaced."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+from tests.pg import fresh_database
 
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A fresh, empty database on the test server; dropped after the test."""
-    import psycopg
+    with fresh_database() as url:
+        yield url
 
-    admin_url = postgres_server()
-    name = f"broker_test_{secrets.token_hex(6)}"
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    try:
-        yield with_database(admin_url, name)
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+StoreFactory = Callable[..., Any]
 
 
 BACKENDS = ["sqlite", "postgres"]
@@ -69,7 +39,9 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def store_factory(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[StoreFactory]:
+def store_factory(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[StoreFactory]:
     """Opens another store (its own connection or pool) on the same database; all are closed
     after the test."""
     opened: list[Any] = []

@@ -420,9 +420,7 @@ def test_sqlite_urls(tmp_path: Path) -> None:
             sqlite_path(bad, tmp_path)
 
 
-def test_open_store_from_the_environment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_open_store_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BROKER_STORE", "sqlite:///data/b.db")
     config = from_environment(tmp_path)
     assert config.store_url == "sqlite:///data/b.db"

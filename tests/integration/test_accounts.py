@@ -40,6 +40,7 @@ from tests.helpers import (
     retry_delay,
     rpc_error,
     session_rows,
+    stored_bytes,
     tamper_csr_signature,
     user_record,
 )
@@ -131,8 +132,8 @@ def test_i11_password_stored_as_argon2id_hash(broker):
     stored = user_record(broker, anna.user_id).password_hash
     assert str(stored).startswith("$argon2id$")
     assert PASSWORD not in str(stored)
-    for path in broker.config.database.parent.iterdir():
-        assert PASSWORD.encode() not in path.read_bytes(), path
+    for stored in stored_bytes(broker):
+        assert PASSWORD.encode() not in stored
 
 
 # -- login ----------------------------------------------------------------------------------------

@@ -8,7 +8,11 @@ import sys
 
 def test_demo_runs_and_tells_its_story():
     result = subprocess.run(
-        [sys.executable, "-m", "broker.dev.demo"], capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-m", "broker.dev.demo"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout

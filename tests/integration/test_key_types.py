@@ -59,6 +59,7 @@ from tests.helpers import (
     rpc_error,
     rsa_key,
     stop_task,
+    table_counts,
     token_used_at,
 )
 
@@ -96,16 +97,6 @@ REFUSED: dict[str, tuple[str, Callable[[], object]]] = {
 @functools.cache
 def refused_csr(kind: str) -> str:
     return any_csr(REFUSED[kind][1]())
-
-
-def table_counts(broker: object) -> dict[str, int]:
-    """Row count of every table in the broker's database ("nothing was written" = no change)."""
-    tables = db_rows(broker, "SELECT name FROM sqlite_master WHERE type = 'table'")
-    return {
-        str(name): int(db_rows(broker, f'SELECT COUNT(*) FROM "{name}"')[0][0])  # type: ignore[call-overload]
-        for (name,) in tables
-        if not str(name).startswith("sqlite_")
-    }
 
 
 def assert_refused(error: grpc.RpcError, kind: str) -> None:

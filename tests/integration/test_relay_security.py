@@ -315,7 +315,9 @@ def test_i5_camera_refuses_a_start_stream_not_bound_to_it(
             # broker's own check passed (the app sent its real key), so only the camera sees it.
             original = relay.start
             stranger = x25519.X25519PrivateKey.generate().public_key().public_bytes_raw()
-            monkeypatch.setattr(relay, "start", lambda live, token, eph: original(live, token, stranger))
+            monkeypatch.setattr(
+                relay, "start", lambda live, token, eph: original(live, token, stranger)
+            )
             watched = ticket
         plaintexts = []
         async with owner.watch(watched) as stream:
@@ -401,7 +403,9 @@ def test_i6_app_refuses_a_hello_not_from_its_camera(
     assert plaintexts == []
 
 
-def test_i5_broker_refuses_a_watch_whose_app_key_is_not_the_tokens(broker, operator_channel, tmp_path):
+def test_i5_broker_refuses_a_watch_whose_app_key_is_not_the_tokens(
+    broker, operator_channel, tmp_path
+):
     """The WatchRequest's X25519 key must hash to the token's eph claim: PERMISSION_DENIED, and
     the camera is never asked to start."""
 

@@ -34,7 +34,9 @@ def test_i5_shared_viewer_gets_token_the_camera_accepts(broker, operator_channel
     assert [(d.device_id, d.role) for d in devices] == [("cam-flow", 2)]  # ROLE_VIEWER
 
     claims = camera.token_verifier(broker.clock).verify(ticket.token)
-    friend_der = x509.load_pem_x509_certificate(friend.chain_path.read_bytes()).public_bytes(Encoding.DER)
+    friend_der = x509.load_pem_x509_certificate(friend.chain_path.read_bytes()).public_bytes(
+        Encoding.DER
+    )
     assert claims.session_id == ticket.session_id
     assert claims.user_id == friend.state.user_id
     assert claims.app_id == friend.state.app_id

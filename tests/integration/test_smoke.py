@@ -8,7 +8,9 @@ from tests.helpers import create_token
 
 def test_enroll_attach_renew(broker, operator_channel, tmp_path):
     token = create_token(operator_channel, "cam-0001")
-    client = DeviceClient(tmp_path / "dev", Endpoints(broker.bootstrap, broker.main), broker.pki.ca_pem)
+    client = DeviceClient(
+        tmp_path / "dev", Endpoints(broker.bootstrap, broker.main), broker.pki.ca_pem
+    )
 
     async def scenario():
         state = await client.enroll(token)

@@ -237,7 +237,9 @@ def test_fresh_certificate_is_accepted(authority: DeviceAuthority, admin: Identi
 
 def test_revoked_certificate_is_refused(authority: DeviceAuthority, admin: Identity) -> None:
     enrollment = _enroll(authority, admin)
-    assert authority.revoke_device(admin, "cam-0001", "stolen").serials == (enrollment.issued.serial,)
+    assert authority.revoke_device(admin, "cam-0001", "stolen").serials == (
+        enrollment.issued.serial,
+    )
     with pytest.raises(Unauthenticated, match="certificate has been revoked"):
         _check(authority, enrollment.issued, enrollment.identity)
 

@@ -126,6 +126,17 @@ BASELINE: tuple[str, ...] = (
 )
 
 # Steps after the baseline: version -> statements (v7 will be the first).
-STEPS: dict[int, tuple[str, ...]] = {}
+STEPS: dict[int, tuple[str, ...]] = {
+    # v7 (as SQLite's v7): failure counters shared by every replica and kept across restarts.
+    7: (
+        """CREATE TABLE failures (
+            scope TEXT NOT NULL,
+            key TEXT NOT NULL,
+            at_ms BIGINT NOT NULL
+        )""",
+        "CREATE INDEX failures_key ON failures(scope, key, at_ms)",
+        "CREATE INDEX failures_age ON failures(scope, at_ms)",
+    ),
+}
 
 LATEST_VERSION = BASELINE_VERSION + len(STEPS)

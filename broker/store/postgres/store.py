@@ -33,6 +33,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from typing import Any, TypeVar
 
@@ -429,6 +430,25 @@ class PostgresTransaction:
         )
         return count == 1
 
+    def count_failures(self, scope: str, key: str, since_ms: int) -> tuple[int, int | None]:
+        row = self._one(
+            "SELECT COUNT(*), MIN(at_ms) FROM failures WHERE scope = %s AND key = %s AND at_ms > %s",
+            (scope, key, since_ms),
+        )
+        assert row is not None
+        return int(row[0]), None if row[1] is None else int(row[1])
+
+    def record_failure(self, scope: str, key: str, at_ms: int, forget_before_ms: int) -> None:
+        self._rowcount(
+            "DELETE FROM failures WHERE scope = %s AND at_ms <= %s", (scope, forget_before_ms)
+        )
+        self._rowcount(
+            "INSERT INTO failures (scope, key, at_ms) VALUES (%s, %s, %s)", (scope, key, at_ms)
+        )
+
+    def clear_failures(self, scope: str, key: str) -> None:
+        self._rowcount("DELETE FROM failures WHERE scope = %s AND key = %s", (scope, key))
+
     def delete_grants(self, device_id: str) -> list[GrantRecord]:
         rows = self._all(
             f"DELETE FROM grants WHERE device_id = %s RETURNING {GRANT_COLUMNS}", (device_id,)
@@ -540,7 +560,9 @@ class PostgresTransaction:
         # failure (re-run by Store.run), never a fork.
         head = self._head or self._one("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
         if head is None:
-            raise RuntimeError("audit_head row is missing: the schema was not created by the broker")
+            raise RuntimeError(
+                "audit_head row is missing: the schema was not created by the broker"
+            )
         seq, prev_hash = head[0] + 1, head[1]
         detail_json = canonical_detail(event.detail)
         digest = entry_hash(
@@ -601,6 +623,7 @@ class PostgresStore:
         self.retries = 0  # units re-run after a serialization failure or deadlock
         self.exhausted = 0  # units given up after `attempts` tries (raised Contention)
         self._lock_timeout_ms = lock_timeout_ms
+        self._max_size = max_size
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             url,
             min_size=min_size,
@@ -630,6 +653,11 @@ class PostgresStore:
         conn.execute("SET idle_in_transaction_session_timeout = 60000")
 
     # -- schema ----------------------------------------------------------------------------------
+    def core_executor(self) -> Executor:
+        """A thread per pooled connection: PostgreSQL commits in parallel (writers still take
+        the chain lock in turn), so there is nothing to batch."""
+        return ThreadPoolExecutor(max_workers=self._max_size, thread_name_prefix="broker-core")
+
     def schema_version(self) -> int:
         with self._pool.connection() as conn:
             return self._version(conn)
@@ -713,7 +741,9 @@ class PostgresStore:
             pass
         row = cursor.fetchone()
         if row is None:
-            raise RuntimeError("audit_head row is missing: the schema was not created by the broker")
+            raise RuntimeError(
+                "audit_head row is missing: the schema was not created by the broker"
+            )
         return int(row[0]), str(row[1])
 
     @contextmanager

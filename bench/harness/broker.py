@@ -1,0 +1,229 @@
+"""The broker child process: one BrokerServer, configured as shipped unless a what-if says
+otherwise, in its own spawned process (own GIL) on a bench home; it answers "stats" and "stop"
+over a pipe, and can be killed (an outage) and restarted on the same ports.
+
+What-ifs change only this process and go through public settings and classes: the core executor
+(the shipped group commit with another batch size, or inline on the event loop), the GIL switch
+interval, skipping the durable presence write, and SQLite's synchronous mode (needs a Config
+setting the broker does not have yet: see SYNC_SETTING)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from bench.harness.stats import pid_memory, process_cpu, raise_nofile, thread_cpu
+from broker.config import Config
+
+SYNC_SETTING = "sqlite_synchronous"  # the Config field a synchronous what-if needs
+
+
+def bench_config(home: Path, **overrides: Any) -> Config:
+    """A broker config in home with every listener on port 0."""
+    return Config(
+        home=home,
+        bootstrap_address="127.0.0.1:0",
+        main_address="127.0.0.1:0",
+        factory_address="127.0.0.1:0",
+    ).with_overrides(**overrides)
+
+
+def sync_supported() -> bool:
+    return SYNC_SETTING in {f.name for f in dataclasses.fields(Config)}
+
+
+@dataclasses.dataclass(frozen=True)
+class WhatIf:
+    """Broker tweaks for evidence; the default is the broker exactly as shipped."""
+
+    switch_interval: float | None = None  # sys.setswitchinterval in the broker (Python: 0.005)
+    max_batch: int | None = None  # group commit with at most N calls per COMMIT (1: per call)
+    inline_core: bool = False  # core calls on the event loop thread, COMMIT per call
+    no_presence_write: bool = False  # Attach skips the durable last-seen write
+    synchronous: str | None = None  # SQLite synchronous mode (Config.sqlite_synchronous)
+
+    def describe(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v}
+
+    def check(self) -> None:
+        if self.synchronous and not sync_supported():
+            raise SystemExit(
+                f"synchronous={self.synchronous} needs Config.{SYNC_SETTING}, which "
+                "this broker does not have; the bench never sets a pragma itself"
+            )
+
+
+class InlineExecutor(Executor):
+    """What-if: run each core call at once on the calling (event loop) thread."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as error:  # handed to the awaiting handler, as the executor would
+            future.set_exception(error)
+        return future
+
+
+class CountingExecutor(Executor):
+    """Wraps the broker's core executor without changing what it does: counts calls, the wall
+    time each call runs (its batch's COMMIT not included) and waits, per core function."""
+
+    def __init__(self, inner: Executor) -> None:
+        self.inner = inner
+        self.calls = 0
+        self.busy = 0.0
+        self.waited = 0.0
+        self.by_fn: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+
+    @property
+    def batches(self) -> int:
+        return int(getattr(self.inner, "batches", self.calls))
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        name = getattr(getattr(fn, "func", fn), "__qualname__", repr(fn))
+        queued = time.perf_counter()
+
+        def counted() -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent = time.perf_counter() - started
+                self.calls += 1
+                self.busy += spent
+                self.waited += started - queued
+                entry = self.by_fn[name]
+                entry[0] += 1
+                entry[1] += spent
+
+        future: Future[Any] = self.inner.submit(counted)
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.inner.shutdown(wait, cancel_futures=cancel_futures)
+
+
+def _serve(home: str, conn: Connection, overrides: dict[str, Any], what_if: WhatIf) -> None:
+    raise_nofile()
+    if what_if.switch_interval:
+        sys.setswitchinterval(what_if.switch_interval)
+    asyncio.run(_serve_async(Path(home), conn, overrides, what_if))
+
+
+async def _serve_async(
+    home: Path, conn: Connection, overrides: dict[str, Any], what_if: WhatIf
+) -> None:
+    from broker.service.server import BrokerServer
+    from broker.store.groupcommit import GroupCommitExecutor
+
+    if what_if.synchronous:
+        overrides = {**overrides, SYNC_SETTING: what_if.synchronous}
+    server = BrokerServer(bench_config(home, **overrides))
+    runtime = server.runtime
+    inner = runtime.executor
+    if what_if.inline_core or what_if.max_batch:
+        inner.shutdown()
+        inner = (
+            InlineExecutor()
+            if what_if.inline_core
+            else GroupCommitExecutor(server.store, what_if.max_batch or 1)
+        )
+    core = CountingExecutor(inner)
+    runtime.executor = core
+    if what_if.no_presence_write:
+        runtime.devices.record_presence = lambda *_a, **_k: None  # type: ignore[method-assign]
+    ports = await server.start()
+    conn.send(("ready", os.getpid(), ports, time.monotonic()))
+    loop = asyncio.get_running_loop()
+    while True:
+        command = await loop.run_in_executor(None, conn.recv)
+        if command == "stats":
+            conn.send(
+                {
+                    "cpu": process_cpu(),
+                    "threads": thread_cpu(),
+                    "core_calls": core.calls,
+                    "core_batches": core.batches,
+                    "core_busy": core.busy,
+                    "core_waited": core.waited,
+                    "core_by_fn": {k: tuple(v) for k, v in core.by_fn.items()},
+                    "online": runtime.presence.online_count(),
+                    "live_sessions": runtime.relay.live_count(),
+                    **pid_memory(os.getpid()),
+                }
+            )
+        elif command == "stop":
+            break
+    await server.stop(0.5)
+    conn.send("stopped")
+
+
+class BrokerChild:
+    """A broker in its own spawned process. ports=None binds every listener to port 0; pass
+    the ports of a previous broker to restart on the same addresses."""
+
+    def __init__(
+        self,
+        home: Path,
+        overrides: dict[str, Any] | None = None,
+        ports: dict[str, int] | None = None,
+        what_if: WhatIf = WhatIf(),
+    ) -> None:
+        overrides = dict(overrides or {})
+        for name, port in (ports or {}).items():
+            overrides[f"{name}_address"] = f"127.0.0.1:{port}"
+        ctx = mp.get_context("spawn")
+        self.what_if = what_if
+        self._conn, child = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=_serve, args=(str(home), child, overrides, what_if), name="broker", daemon=True
+        )
+        self.proc.start()
+        deadline = time.monotonic() + 120
+        while not self._conn.poll(0.05):
+            if not self.proc.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("broker process did not start (see its traceback above)")
+        _, self.pid, self.ports, self.ready_at = self._conn.recv()
+
+    @property
+    def main(self) -> str:
+        return f"127.0.0.1:{self.ports['main']}"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.ports['bootstrap']}"
+
+    def stats(self) -> dict[str, Any]:
+        self._conn.send("stats")
+        if not self._conn.poll(60):
+            raise RuntimeError("broker did not answer stats")
+        stats: dict[str, Any] = self._conn.recv()
+        return stats
+
+    def kill(self) -> None:
+        """SIGKILL: an outage, nothing is flushed or closed gracefully."""
+        self.proc.kill()
+        self.proc.join(10)
+
+    def stop(self) -> None:
+        if not self.proc.is_alive():
+            return
+        with contextlib.suppress(OSError, EOFError, BrokenPipeError):
+            self._conn.send("stop")
+            if self._conn.poll(30):
+                self._conn.recv()
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()

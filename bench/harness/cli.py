@@ -1,0 +1,44 @@
+"""The command-line options every benchmark shares."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def bench_parser(
+    doc: str | None,
+    quick: str,
+    profile: str,
+    quiet_before: str | None = None,
+    runs: str | None = None,
+) -> argparse.ArgumentParser:
+    """--quick, --profile DIR, --py-spy, --keep; with quiet_before ("run", "restart") also
+    --wait-quiet and --quiet-below for a shared machine; with runs ("mode", "cell") --runs
+    (default 5, quick 3)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0] if doc else None)
+    p.add_argument("--quick", action="store_true", help=quick)
+    if runs:
+        p.add_argument("--runs", type=int, help=f"runs per {runs} (default 5, quick 3)")
+    p.add_argument("--profile", type=Path, metavar="DIR", help=profile)
+    p.add_argument("--py-spy", help="py-spy executable (default: the venv's, else PATH)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary broker home")
+    if quiet_before:
+        p.add_argument(
+            "--wait-quiet",
+            type=float,
+            metavar="S",
+            help=f"shared machine: before each {quiet_before} wait up to S s until "
+            "other processes use less than --quiet-below cores (default 30, quick 5)",
+        )
+        p.add_argument("--quiet-below", type=float, default=0.2, help="cores (0.2)")
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = p.parse_args(argv)
+    if getattr(args, "wait_quiet", 0) is None:
+        args.wait_quiet = 5.0 if args.quick else 30.0
+    if hasattr(args, "runs"):
+        args.runs = args.runs or (3 if args.quick else 5)
+    return args
