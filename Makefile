@@ -6,7 +6,7 @@ BROKER := $(VENV)/bin/broker
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run demo test lint proto certs enroll-token factory-batch revoke-device revoke-app devices audit-verify crl rotate-server-cert rotate-intermediate rotate-root retire-root rotate-token-key rotation-status bench clean
+.PHONY: help venv run demo test lint proto certs db-migrate enroll-token factory-batch revoke-device revoke-app devices audit-verify crl rotate-server-cert rotate-intermediate rotate-root retire-root rotate-token-key rotation-status bench clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -19,20 +19,28 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## create .venv and install the broker with dev extras
 
-run: $(STAMP) ## serve on 127.0.0.1:8444 (bootstrap), :8443 (main), :8445 (factory); creates the dev PKI first
-	$(BROKER) serve --init-pki
+run: $(STAMP) ## [STORE=postgresql://...] serve on 127.0.0.1:8444/:8443/:8445; creates the dev PKI first
+	$(BROKER) serve --init-pki $(if $(STORE),--store "$(STORE)",)
 
 demo: $(STAMP) ## the whole story in one process: enroll, claim, share, watch, stranger denied, revoke live, access log
 	$(PY) -m broker.dev.demo
 
-test: $(STAMP) ## lint, type-check, then the whole test suite
+test: $(STAMP) ## lint, type-check, the whole suite; the integration suite again on PostgreSQL if configured
 	$(PY) -m ruff check broker tests bench tools
-	$(PY) -m mypy broker
+	$(PY) -m ruff format --check broker tests bench tools
+	$(PY) -m mypy broker bench tests/helpers.py tests/conftest.py
 	$(PY) -m pytest -q -n 2
+	@if [ -n "$$BROKER_TEST_POSTGRES" ]; then \
+		echo "integration suite again, every broker on a fresh PostgreSQL database"; \
+		BROKER_TEST_BACKEND=postgres $(PY) -m pytest -q -n 2 tests/integration; \
+	else \
+		echo "BROKER_TEST_POSTGRES is not set: the integration suite ran on SQLite only"; \
+	fi
 
-lint: $(STAMP) ## ruff + mypy only
+lint: $(STAMP) ## ruff (check and format) + mypy only
 	$(PY) -m ruff check broker tests bench tools
-	$(PY) -m mypy broker
+	$(PY) -m ruff format --check broker tests bench tools
+	$(PY) -m mypy broker bench tests/helpers.py tests/conftest.py
 
 proto: $(STAMP) ## regenerate broker/_proto from protos/
 	$(PY) tools/genproto.py
@@ -80,8 +88,11 @@ rotation-status: $(STAMP) ## how many cameras hold the current trust bundle
 devices: $(STAMP) ## list devices with state and online status
 	@$(BROKER) device list
 
-audit-verify: $(STAMP) ## check the audit log's hash chain
-	@$(BROKER) audit verify
+audit-verify: $(STAMP) ## [STORE=...] check the audit log's hash chain
+	@$(if $(STORE),BROKER_STORE="$(STORE)" ,)$(BROKER) audit verify
+
+db-migrate: $(STAMP) ## [STORE=postgresql://...] bring the store's schema up to date (also done at start)
+	@$(BROKER) db migrate $(if $(STORE),--store "$(STORE)",)
 
 bench: $(STAMP) ## enrollment benchmark (prints medians)
 	$(PY) -m bench.enroll

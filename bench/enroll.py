@@ -183,7 +183,7 @@ def core_costs(config: Config, count: int, grow: int) -> list[Cost]:
             if pre_issued
             else None
         )
-        core = Core(cfg, cfg.database, issuer)
+        core = Core(cfg, issuer)
         return core, core.tokens(ids)
 
     csr = measure(

@@ -54,12 +54,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.init_pki:
         _init(config)
 
+    from broker.store.open import store_url
+
     async def run() -> None:
         server = BrokerServer(config)
         ports = await server.start()
         print(
             f"broker serving: bootstrap {config.bootstrap_address.rsplit(':', 1)[0]}:{ports['bootstrap']}, "
-            f"main :{ports['main']}, factory :{ports['factory']} (trust domain {config.trust_domain})",
+            f"main :{ports['main']}, factory :{ports['factory']} (trust domain {config.trust_domain}; "
+            f"store {_redacted(store_url(config))})",
             flush=True,
         )
         stop = asyncio.Event()

@@ -37,6 +37,9 @@ class Config:
     db_path: Path | None = None
     # BROKER_STORE: sqlite:///<path> or postgresql://...; empty means SQLite at `database`.
     store_url: str = ""
+    # SQLite only: FULL (the default) makes every acknowledged commit survive a power loss;
+    # NORMAL/OFF exist for benchmarks that measure what durability costs, never for production.
+    sqlite_synchronous: str = "FULL"
     allow_signup: bool = True
     app_cert_days: int = 7
     # Session tokens must be used to start a stream within this time (DESIGN: at most 5 min).

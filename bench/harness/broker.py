@@ -4,8 +4,9 @@ over a pipe, and can be killed (an outage) and restarted on the same ports.
 
 What-ifs change only this process and go through public settings and classes: the core executor
 (the shipped group commit with another batch size, or inline on the event loop), the GIL switch
-interval, skipping the durable presence write, and SQLite's synchronous mode (needs a Config
-setting the broker does not have yet: see SYNC_SETTING)."""
+interval, skipping the durable presence write, and SQLite's synchronous mode
+(Config.sqlite_synchronous, applied by the store itself). The broker's store is whatever its
+config names (``store_url``: SQLite by default, or PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -26,9 +27,6 @@ from typing import Any
 from bench.harness.stats import pid_memory, process_cpu, raise_nofile, thread_cpu
 from broker.config import Config
 
-SYNC_SETTING = "sqlite_synchronous"  # the Config field a synchronous what-if needs
-
-
 def bench_config(home: Path, **overrides: Any) -> Config:
     """A broker config in home with every listener on port 0."""
     return Config(
@@ -37,10 +35,6 @@ def bench_config(home: Path, **overrides: Any) -> Config:
         main_address="127.0.0.1:0",
         factory_address="127.0.0.1:0",
     ).with_overrides(**overrides)
-
-
-def sync_supported() -> bool:
-    return SYNC_SETTING in {f.name for f in dataclasses.fields(Config)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +50,13 @@ class WhatIf:
     def describe(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v}
 
-    def check(self) -> None:
-        if self.synchronous and not sync_supported():
+    def check(self, stores: list[str] | None = None) -> None:
+        """SQLite-only what-ifs (synchronous mode, group-commit batch size) refuse other stores."""
+        sqlite_only = {"synchronous": self.synchronous, "max_batch": self.max_batch}
+        if any(sqlite_only.values()) and any(s != "sqlite" for s in stores or ["sqlite"]):
             raise SystemExit(
-                f"synchronous={self.synchronous} needs Config.{SYNC_SETTING}, which "
-                "this broker does not have; the bench never sets a pragma itself"
+                f"{', '.join(k for k, v in sqlite_only.items() if v)}: SQLite-only what-ifs "
+                "(PostgreSQL commits each call on its own); run them with --store sqlite"
             )
 
 
@@ -129,7 +125,7 @@ async def _serve_async(
     from broker.store.groupcommit import GroupCommitExecutor
 
     if what_if.synchronous:
-        overrides = {**overrides, SYNC_SETTING: what_if.synchronous}
+        overrides = {**overrides, "sqlite_synchronous": what_if.synchronous}
     server = BrokerServer(bench_config(home, **overrides))
     runtime = server.runtime
     inner = runtime.executor

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
+
+DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 def bench_parser(
@@ -12,10 +15,11 @@ def bench_parser(
     profile: str,
     quiet_before: str | None = None,
     runs: str | None = None,
+    stores: bool = False,
 ) -> argparse.ArgumentParser:
     """--quick, --profile DIR, --py-spy, --keep; with quiet_before ("run", "restart") also
     --wait-quiet and --quiet-below for a shared machine; with runs ("mode", "cell") --runs
-    (default 5, quick 3)."""
+    (default 5, quick 3); with stores --store and --pg-url."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0] if doc else None)
     p.add_argument("--quick", action="store_true", help=quick)
     if runs:
@@ -23,6 +27,19 @@ def bench_parser(
     p.add_argument("--profile", type=Path, metavar="DIR", help=profile)
     p.add_argument("--py-spy", help="py-spy executable (default: the venv's, else PATH)")
     p.add_argument("--keep", action="store_true", help="keep the temporary broker home")
+    if stores:
+        p.add_argument(
+            "--store",
+            choices=["sqlite", "postgres", "both"],
+            default="sqlite",
+            help="the broker's store; both: a broker on each, runs alternated (sqlite)",
+        )
+        p.add_argument(
+            "--pg-url",
+            default=os.environ.get("BENCH_PG_URL", DEFAULT_PG_URL),
+            help="PostgreSQL server where each run creates (and drops) a fresh database "
+            f"(env BENCH_PG_URL, default {DEFAULT_PG_URL})",
+        )
     if quiet_before:
         p.add_argument(
             "--wait-quiet",

@@ -4,7 +4,9 @@ broker starts, each written as the SDK's own identity directory (so the benchmar
 unmodified DeviceClient / AppClient); and the store checks that end a benchmark, read through the
 store contract (read transactions, audit entries), never through SQL.
 
-Setup writes go in store.batch() blocks (one COMMIT per block), not a weaker synchronous mode."""
+Setup writes go in store.batch() blocks (one COMMIT per block on SQLite; PostgreSQL commits each
+transaction on its own), not a weaker synchronous mode. The store is the one the config names
+(``broker.store.open.open_store``): a SQLite file or a PostgreSQL URL."""
 
 from __future__ import annotations
 
@@ -47,16 +49,17 @@ def bench_home(name: str, keep: bool, **overrides: Any) -> Iterator[Config]:
             shutil.rmtree(home, ignore_errors=True)
 
 
-def open_store(config: Config, path: Path | None = None, migrate: bool = True) -> Any:
-    from broker.store.sqlite import SqliteStore
+def open_store(config: Config, migrate: bool = True) -> Any:
+    """The store config names (SQLite file or PostgreSQL URL), through the store contract."""
+    from broker.store.open import open_store as open_configured
 
-    return SqliteStore(path or config.database, migrate=migrate)
+    return open_configured(config, migrate=migrate)
 
 
 class Core:
     """The core authorities over one store connection (setup and in-process measurements)."""
 
-    def __init__(self, config: Config, path: Path | None = None, issuer: Any = None) -> None:
+    def __init__(self, config: Config, issuer: Any = None) -> None:
         from broker.accounts.passwords import PasswordHasher
         from broker.accounts.users import Accounts
         from broker.clock import SystemClock
@@ -67,7 +70,7 @@ class Core:
 
         self.config = config
         self.clock = SystemClock()
-        self.store = open_store(config, path)
+        self.store = open_store(config)
         self.ca = load_authority(config, self.clock)
         self.devices = DeviceAuthority(config, issuer or self.ca, self.store, self.clock)
         self.accounts = Accounts(config, self.ca, self.store, self.clock, PasswordHasher(config))

@@ -68,6 +68,7 @@ class UnaryRun:
     machine_busy: float
     steal: float
     extra: dict[str, int]  # summed counters the clients return besides the standard ones
+    db_cpu: float = 0.0  # CPU of a separate database server (PostgreSQL) during the run
 
     @property
     def rate(self) -> float:
@@ -84,7 +85,7 @@ class UnaryRun:
     @property
     def others(self) -> float:
         """Cores kept busy by processes other than this benchmark's (a shared machine)."""
-        own = (self.server_cpu + self.client_cpu) / self.wall if self.wall else 0.0
+        own = (self.server_cpu + self.client_cpu + self.db_cpu) / self.wall if self.wall else 0.0
         return max(0.0, self.machine_busy - own)
 
     @property

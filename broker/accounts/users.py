@@ -34,7 +34,7 @@ from broker.pki.certbook import CertificateBook
 from broker.pki.csr import PublicKey, public_key_from_csr
 from broker.store import (
     AppRecord,
-    DeviceState,
+    AppState,
     Store,
     Transaction,
     UserRecord,
@@ -173,7 +173,7 @@ class Accounts:
                     "this public key already belongs to another identity: make a new key"
                 )
             tx.insert_app(
-                AppRecord(app_id, user.user_id, label, DeviceState.ACTIVE, now_s(self._clock))
+                AppRecord(app_id, user.user_id, label, AppState.ACTIVE, now_s(self._clock))
             )
             issued = self._issue(tx, identity, key)
             self._recorder.append(
@@ -195,7 +195,7 @@ class Accounts:
 
         def unit(tx: Transaction) -> IssuedCertificate:
             app = tx.get_app(caller.app_id)
-            if app is None or app.state is not DeviceState.ACTIVE or app.user_id != caller.name:
+            if app is None or app.state is not AppState.ACTIVE or app.user_id != caller.name:
                 raise Unauthenticated("app instance is signed out or revoked")
             if not self._certs.key_is_free(tx, key, caller):
                 raise PermissionDenied(
@@ -239,7 +239,7 @@ class Accounts:
             app = tx.get_app(app_id)
             if app is None or app.user_id != user_id:
                 raise Unauthenticated("no such app instance")
-            if app.state is not DeviceState.ACTIVE:
+            if app.state is not AppState.ACTIVE:
                 raise FailedPrecondition("app instance is already revoked")
             tx.revoke_app(app_id, now)
             serials = tx.revoke_certificates(spiffe, now, reason)

@@ -39,6 +39,7 @@ from broker.pki.ca import IssuedCertificate, IssuingAuthority, PkiFiles
 from broker.pki.certbook import CertificateBook
 from broker.pki.csr import PublicKey, public_key_from_csr, spki_sha256
 from broker.store import (
+    AppState,
     CertificateRecord,
     CertStatus,
     DeviceRecord,
@@ -403,11 +404,7 @@ class DeviceAuthority:
                     raise Unauthenticated("device has been revoked")
             elif identity.kind is Kind.APP:
                 app = tx.get_app(identity.app_id)
-                if (
-                    app is None
-                    or app.state is not DeviceState.ACTIVE
-                    or app.user_id != identity.name
-                ):
+                if app is None or app.state is not AppState.ACTIVE or app.user_id != identity.name:
                     raise Unauthenticated("app instance is signed out or revoked")
 
     def register_offline_certificates(self, files: PkiFiles, actor: str) -> list[str]:
@@ -438,7 +435,7 @@ class DeviceAuthority:
                 CertificateRecord(
                     serial=serial,
                     spiffe_id=identity.spiffe_id,
-                    kind=identity.kind.value,
+                    kind=identity.kind,
                     subject=identity.spiffe_id,
                     spki_sha256=spki_sha256(key),  # type: ignore[arg-type]
                     fingerprint=fingerprint(cert),

@@ -60,7 +60,7 @@ class CertificateBook:
             CertificateRecord(
                 serial=issued.serial,
                 spiffe_id=identity.spiffe_id,
-                kind=identity.kind.value,
+                kind=identity.kind,
                 subject=identity.spiffe_id,
                 spki_sha256=spki_sha256(key),
                 fingerprint=issued.fingerprint,

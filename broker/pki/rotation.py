@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from broker.clock import Clock, unix
 from broker.config import Config
 from broker.errors import ConfigurationError, FailedPrecondition
+from broker.identity.spiffe import Kind
 from broker.identity.spiffe import broker as broker_identity
 from broker.pemfile import (
     PRIVATE_MODE,
@@ -334,7 +335,7 @@ def lagging_devices(
         apps = sorted(
             SpiffeId.parse(c.spiffe_id).app_id
             for c in tx.active_certificates_issued_by(retiring)
-            if c.kind == "app"
+            if c.kind is Kind.APP
         )
     return Lagging(stale, sorted(old_chain), apps)
 

@@ -8,6 +8,7 @@ May import: broker.audit (entry format), base modules. Never grpc, never a core 
 
 from broker.store.base import (
     AppRecord,
+    AppState,
     CertificateRecord,
     CertStatus,
     DeviceRecord,
@@ -27,6 +28,7 @@ from broker.store.base import (
 
 __all__ = [
     "AppRecord",
+    "AppState",
     "CertStatus",
     "CertificateRecord",
     "DeviceRecord",

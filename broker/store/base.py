@@ -20,6 +20,7 @@ from typing import Protocol, TypeVar
 
 from broker.audit.chain import AuditEntry, AuditEvent
 from broker.errors import AlreadyExists, ConfigurationError, FailedPrecondition
+from broker.identity.spiffe import Kind
 
 T = TypeVar("T")
 
@@ -77,6 +78,11 @@ class SchemaTooNew(ConfigurationError, RuntimeError):
         self.known = known
 
 
+class AppState(enum.Enum):
+    ACTIVE = "active"
+    REVOKED = "revoked"  # by an operator, or signed out by the app itself
+
+
 class DeviceState(enum.Enum):
     ACTIVE = "active"
     REVOKED = "revoked"
@@ -104,7 +110,7 @@ class DeviceRecord:
 class CertificateRecord:
     serial: str
     spiffe_id: str
-    kind: str
+    kind: Kind
     subject: str
     spki_sha256: str
     fingerprint: str
@@ -153,7 +159,7 @@ class AppRecord:
     app_id: str
     user_id: str
     label: str
-    state: DeviceState
+    state: AppState
     created_at: int
     revoked_at: int | None = None
 

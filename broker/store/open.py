@@ -38,7 +38,9 @@ def open_store(config: Config, *, migrate: bool = True) -> Store:
     if url.startswith(SQLITE_PREFIX):
         from broker.store.sqlite import SqliteStore
 
-        return SqliteStore(sqlite_path(url, config.home), migrate=migrate)
+        return SqliteStore(
+            sqlite_path(url, config.home), migrate=migrate, synchronous=config.sqlite_synchronous
+        )
     if url.startswith(POSTGRES_PREFIXES):
         from broker.store.postgres import PostgresStore
 

@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from broker.audit.chain import GENESIS, AuditEntry, AuditEvent, canonical_detail, entry_hash
+from broker.errors import ConfigurationError
+from broker.identity.spiffe import Kind
 from broker.store.base import (
     AppRecord,
+    AppState,
     CertificateRecord,
     CertStatus,
     DeviceRecord,
@@ -75,12 +78,13 @@ def _device(row: sqlite3.Row | tuple[Any, ...]) -> DeviceRecord:
 
 def _cert(row: sqlite3.Row | tuple[Any, ...]) -> CertificateRecord:
     values = list(row)
+    values[2] = Kind(values[2])
     values[8] = CertStatus(values[8])
     return CertificateRecord(*values)
 
 
 def _app(row: tuple[Any, ...]) -> AppRecord:
-    return AppRecord(row[0], row[1], row[2], DeviceState(row[3]), row[4], row[5])
+    return AppRecord(row[0], row[1], row[2], AppState(row[3]), row[4], row[5])
 
 
 def _grant(row: tuple[Any, ...]) -> GrantRecord:
@@ -91,6 +95,9 @@ def _session(row: tuple[Any, ...]) -> SessionRecord:
     values = list(row)
     values[6] = SessionOutcome(values[6])
     return SessionRecord(*values)
+
+
+SYNCHRONOUS_MODES = ("FULL", "NORMAL", "OFF")
 
 
 class SqliteTransaction:
@@ -175,7 +182,7 @@ class SqliteTransaction:
             (
                 cert.serial,
                 cert.spiffe_id,
-                cert.kind,
+                cert.kind.value,
                 cert.subject,
                 cert.spki_sha256,
                 cert.fingerprint,
@@ -493,7 +500,9 @@ class SqliteTransaction:
 class SqliteStore:
     """The default store: one SQLite file, safe to share between threads and processes."""
 
-    def __init__(self, path: Path, *, migrate: bool = True) -> None:
+    def __init__(self, path: Path, *, migrate: bool = True, synchronous: str = "FULL") -> None:
+        if synchronous not in SYNCHRONOUS_MODES:
+            raise ConfigurationError(f"sqlite synchronous must be one of {SYNCHRONOUS_MODES}")
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._conn = sqlite3.connect(
@@ -504,7 +513,7 @@ class SqliteStore:
         self._savepoints = 0
         for pragma in (
             "PRAGMA journal_mode = WAL",
-            "PRAGMA synchronous = FULL",
+            f"PRAGMA synchronous = {synchronous}",
             "PRAGMA foreign_keys = ON",
             "PRAGMA busy_timeout = 30000",
         ):

@@ -17,9 +17,11 @@ import pytest
 
 from broker.audit.chain import GENESIS, AuditEvent, verify_chain
 from broker.errors import AlreadyExists, FailedPrecondition, PermissionDenied
+from broker.identity.spiffe import Kind
 from broker.store.base import (
     CONSTRAINTS,
     AppRecord,
+    AppState,
     CertificateRecord,
     CertStatus,
     DeviceRecord,
@@ -55,7 +57,7 @@ def cert(
     return CertificateRecord(
         serial=serial,
         spiffe_id=subject,
-        kind="device",
+        kind=Kind.DEVICE,
         subject=subject,
         spki_sha256=key.ljust(64, "0"),
         fingerprint=f"fp-{serial}",
@@ -92,7 +94,7 @@ def seed_owner(store: Store) -> None:
     with store.transaction() as tx:
         tx.insert_device(device())
         tx.insert_user(user())
-        tx.insert_app(AppRecord("a-1", "u-1", "phone", DeviceState.ACTIVE, T0))
+        tx.insert_app(AppRecord("a-1", "u-1", "phone", AppState.ACTIVE, T0))
 
 
 # -- devices ---------------------------------------------------------------------------------
@@ -240,19 +242,19 @@ def test_enrollment_tokens(store: Store) -> None:
 def test_users_and_apps(store: Store) -> None:
     with store.transaction() as tx:
         tx.insert_user(user())
-        tx.insert_app(AppRecord("a-1", "u-1", "phone", DeviceState.ACTIVE, T0))
+        tx.insert_app(AppRecord("a-1", "u-1", "phone", AppState.ACTIVE, T0))
     with store.read() as tx:
         assert tx.get_user("u-1") == user()
         assert tx.get_user("u-2") is None
         assert tx.get_user_by_username("alice") == user()
         assert tx.get_user_by_username("bob") is None
-        assert tx.get_app("a-1") == AppRecord("a-1", "u-1", "phone", DeviceState.ACTIVE, T0)
+        assert tx.get_app("a-1") == AppRecord("a-1", "u-1", "phone", AppState.ACTIVE, T0)
         assert tx.get_app("a-2") is None
     with store.transaction() as tx:
         tx.revoke_app("a-1", T0 + 7)
     with store.read() as tx:
         app = tx.get_app("a-1")
-    assert app == AppRecord("a-1", "u-1", "phone", DeviceState.REVOKED, T0, T0 + 7)
+    assert app == AppRecord("a-1", "u-1", "phone", AppState.REVOKED, T0, T0 + 7)
 
 
 @pytest.mark.parametrize(
@@ -275,7 +277,7 @@ def test_user_uniqueness(store: Store, second: UserRecord, constraint: str) -> N
 
 def test_app_of_unknown_user_is_a_missing_reference(store: Store) -> None:
     with pytest.raises(MissingReference) as caught, store.transaction() as tx:
-        tx.insert_app(AppRecord("a-1", "u-404", "phone", DeviceState.ACTIVE, T0))
+        tx.insert_app(AppRecord("a-1", "u-404", "phone", AppState.ACTIVE, T0))
     assert caught.value.table == "app_instances"
     assert isinstance(caught.value, FailedPrecondition)
     with store.read() as tx:
@@ -285,7 +287,7 @@ def test_app_of_unknown_user_is_a_missing_reference(store: Store) -> None:
 def test_duplicate_app_id(store: Store) -> None:
     seed_owner(store)
     with store.transaction() as tx, pytest.raises(DuplicateKey) as caught:
-        tx.insert_app(AppRecord("a-1", "u-1", "tablet", DeviceState.ACTIVE, T0))
+        tx.insert_app(AppRecord("a-1", "u-1", "tablet", AppState.ACTIVE, T0))
     assert caught.value.constraint == "app_instances.app_id"
 
 

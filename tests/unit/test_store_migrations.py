@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from broker.audit.chain import AuditEvent, verify_chain
+from broker.identity.spiffe import Kind
 from broker.store import (
     CertificateRecord,
     CertStatus,
@@ -23,7 +24,7 @@ DEVICE_SPIFFE = "spiffe://camera.local/device/cam-0001"
 CERT = CertificateRecord(
     serial="4a1fd2c39b8e7f6a5d4c3b2a1f0e9d8c",
     spiffe_id=DEVICE_SPIFFE,
-    kind="device",
+    kind=Kind.DEVICE,
     subject=DEVICE_SPIFFE,
     spki_sha256="ab" * 32,
     fingerprint="cd" * 32,
@@ -35,7 +36,7 @@ CERT = CertificateRecord(
 OLD_CERT = CertificateRecord(
     serial="1b2c3d4e5f60718293a4b5c6d7e8f901",
     spiffe_id=DEVICE_SPIFFE,
-    kind="device",
+    kind=Kind.DEVICE,
     subject=DEVICE_SPIFFE,
     spki_sha256="ef" * 32,
     fingerprint="01" * 32,
@@ -99,7 +100,7 @@ def _make_v1_database(path: Path) -> None:
                     (
                         c.serial,
                         c.spiffe_id,
-                        c.kind,
+                        c.kind.value,
                         c.subject,
                         c.spki_sha256,
                         c.fingerprint,

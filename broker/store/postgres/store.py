@@ -44,8 +44,10 @@ from psycopg_pool import ConnectionPool
 
 from broker.audit.chain import AuditEntry, AuditEvent, canonical_detail, entry_hash
 from broker.errors import Contention, Unavailable
+from broker.identity.spiffe import Kind
 from broker.store.base import (
     AppRecord,
+    AppState,
     CertificateRecord,
     CertStatus,
     DeviceRecord,
@@ -107,12 +109,13 @@ def _device(row: tuple[Any, ...]) -> DeviceRecord:
 
 def _cert(row: tuple[Any, ...]) -> CertificateRecord:
     values = list(row)
+    values[2] = Kind(values[2])
     values[8] = CertStatus(values[8])
     return CertificateRecord(*values)
 
 
 def _app(row: tuple[Any, ...]) -> AppRecord:
-    return AppRecord(row[0], row[1], row[2], DeviceState(row[3]), row[4], row[5])
+    return AppRecord(row[0], row[1], row[2], AppState(row[3]), row[4], row[5])
 
 
 def _grant(row: tuple[Any, ...]) -> GrantRecord:
@@ -228,7 +231,7 @@ class PostgresTransaction:
         args = (
             cert.serial,
             cert.spiffe_id,
-            cert.kind,
+            cert.kind.value,
             cert.subject,
             cert.spki_sha256,
             cert.fingerprint,
