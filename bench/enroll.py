@@ -16,6 +16,7 @@ successful enrollment, and an intact audit chain.
     .venv/bin/python -m bench.enroll --quick     # 3 runs per mode
     .venv/bin/python -m bench.enroll             # 5 x 2000 reused, 5 x 500 new-conn
     .venv/bin/python -m bench.enroll --profile /tmp/prof   # + py-spy runs, not timed
+    .venv/bin/python -m bench.enroll --store both  # SQLite and PostgreSQL, runs alternated
 """
 
 from __future__ import annotations
@@ -23,22 +24,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import functools
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
-from bench.harness.broker import BrokerChild, WhatIf, bench_config, sync_supported
+from bench.harness import stores as backends
+from bench.harness.broker import BrokerChild, WhatIf, bench_config
 from bench.harness.cli import bench_parser, parse
 from bench.harness.fleet import Clients, Deferred, split
-from bench.harness.profiling import PROFILES, Spy, py_spy_binary
+from bench.harness.profiling import PROFILES, profiled_runs, py_spy_binary
 from bench.harness.provision import (
     Core,
     Item,
     audit_check,
-    bench_home,
     check_line,
     elapsed,
     make_items,
@@ -48,8 +51,6 @@ from bench.harness.stats import NCPU, Cost, measure, print_costs, us
 from bench.harness.unary import (
     UnaryRun,
     drive,
-    print_breakdown,
-    print_run,
     run_load,
     summary_header,
     summary_row,
@@ -115,6 +116,10 @@ async def enroll_client(target: str, ca_pem: bytes) -> dict[str, Any]:
         return Deferred(timed)
 
     return {"run": run}
+
+
+def run_batch(load: Load, mode: str, batches: list[list[Item]], conc: int, k: int) -> UnaryRun:
+    return load.run(mode, batches[k], conc)
 
 
 class Load:
@@ -202,9 +207,10 @@ def core_costs(config: Config, count: int, grow: int) -> list[Cost]:
             count,
         ),
     ]
-    syncs = [("FULL", STORE_FULL, "enroll_with_token, pre-signed certs, less CSR")]
-    if sync_supported():
-        syncs.append(("NORMAL", STORE_NORMAL, "WAL + NORMAL, COMMIT per call"))
+    syncs = [
+        ("FULL", STORE_FULL, "enroll_with_token, pre-signed certs, less CSR"),
+        ("NORMAL", STORE_NORMAL, "WAL + NORMAL, COMMIT per call"),
+    ]
     for sync, name, note in syncs:
         core, tokens = setup(
             f"s{sync.lower()}",
@@ -329,6 +335,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "3 short runs per mode",
         "after the timed runs, one extra run per mode and profile under py-spy",
         runs="mode",
+        stores=True,
     )
     p.add_argument("--n", type=int, help="enrollments per reused-channel run (2000, quick 1000)")
     p.add_argument("--n-new", type=int, help="enrollments per new-connection run (500, quick 300)")
@@ -338,7 +345,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=1, help="client processes (1)")
     p.add_argument("--mode", choices=["both", "reused", "new-conn"], default="both")
     p.add_argument("--no-baseline", action="store_true", help="skip the GetTrustBundle run")
-    p.add_argument("--micro", type=int, help="samples per in-process measurement (500, quick 150)")
+    p.add_argument(
+        "--micro",
+        type=int,
+        help="samples per in-process measurement, on SQLite (500, quick 150; 0: skip)",
+    )
     p.add_argument(
         "--grow",
         type=int,
@@ -348,7 +359,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     w.add_argument(
         "--server-sync",
         choices=["FULL", "NORMAL", "OFF"],
-        help="SQLite synchronous mode of the broker (needs Config.sqlite_synchronous)",
+        help="SQLite synchronous mode of the broker (Config.sqlite_synchronous; SQLite only)",
     )
     w.add_argument(
         "--switch-interval",
@@ -375,7 +386,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parse(p, argv)
     args.n = args.n or (1000 if args.quick else 2000)
     args.n_new = args.n_new or (300 if args.quick else 500)
-    args.micro = args.micro or (150 if args.quick else 500)
+    args.micro = args.micro if args.micro is not None else (150 if args.quick else 500)
     args.grow = args.grow if args.grow is not None else (2000 if args.quick else 5000)
     args.what_if = WhatIf(
         switch_interval=args.switch_interval,
@@ -383,57 +394,83 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         max_batch=1 if args.per_call_commit else args.max_batch,
         synchronous=args.server_sync,
     )
-    args.what_if.check()
+    args.what_if.check(backends.chosen(args.store))
     return args
+
+
+def prepare(config: Config, modes: list[str], plan: dict[str, tuple[int, int]], runs: int) -> Any:
+    """Tokens in the store and CSRs, before any timing: a warm-up batch, then per mode one batch
+    per run; returns (warm-up, items by mode, every token)."""
+    warmup = make_items(config, "warm", 64)
+    items = {
+        mode: [make_items(config, f"{mode[0]}{r}", plan[mode][0]) for r in range(runs)]
+        for mode in modes
+    }
+    tokens = [
+        t for batch in [warmup, *(x for runs in items.values() for x in runs)] for _, t, _ in batch
+    ]
+    return warmup, items, tokens
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    stores = backends.chosen(args.store)
     modes = ["reused", "new-conn"] if args.mode == "both" else [args.mode]
     plan = {"reused": (args.n, args.concurrency), "new-conn": (args.n_new, args.new_concurrency)}
     t0 = time.monotonic()
-    with bench_home("enroll", args.keep) as config:
+    costs: list[Cost] = []
+    comparisons: list[str] = []
+    results: dict[str, dict[str, list[UnaryRun]]] = {}
+    problems: list[str] = []
+    with backends.store_homes("enroll", args.keep, stores, args.pg_url) as homes:
         print(
             f"enrollment benchmark: grpcio {grpc.__version__}, Python "
-            f"{sys.version.split()[0]}, {NCPU} CPUs, home {config.home}"
+            f"{sys.version.split()[0]}, {NCPU} CPUs, stores {', '.join(backends.NAMES[s] for s in stores)}"
         )
-        costs = core_costs(config, args.micro, args.grow)
-        print_costs(f"in-process core path ({args.micro} calls each, no gRPC, one thread):", costs)
+        if backends.SQLITE in homes and args.micro:
+            costs = core_costs(homes[backends.SQLITE], args.micro, args.grow)
+            print_costs(
+                f"in-process core path on SQLite ({args.micro} calls each, no gRPC, one thread):",
+                costs,
+            )
 
         py_spy = py_spy_binary(args.py_spy) if args.profile else None
         if args.profile and not py_spy:
             print("  (--profile: py-spy not found; pass --py-spy PATH)")
-        prep = time.monotonic()
         extra = len(PROFILES) if py_spy else 0
-        warmup = make_items(config, "warm", 64)
-        items = {
-            mode: [
-                make_items(config, f"{mode[0]}{r}", plan[mode][0]) for r in range(args.runs + extra)
-            ]
-            for mode in modes
-        }
-        tokens = [
-            t
-            for batch in [warmup, *(x for runs in items.values() for x in runs)]
-            for _, t, _ in batch
-        ]
-        print(
-            f"\nprepared {len(tokens)} tokens (in the store) and CSRs in {elapsed(prep)}, "
-            "before any timing"
-        )
+        prepared = {}
+        for store, config in homes.items():
+            prep = time.monotonic()
+            prepared[store] = prepare(config, modes, plan, args.runs + extra)
+            print(
+                f"\n{backends.NAMES[store]}: prepared {len(prepared[store][2])} tokens (in the store) and "
+                f"CSRs in {elapsed(prep)}, before any timing"
+            )
         if args.what_if.describe():
             print(f"WHAT-IF broker tweaks (not the broker as shipped): {args.what_if.describe()}")
-        broker = BrokerChild(config.home, what_if=args.what_if)
-        ca_pem = (config.certs_dir / "ca-bundle.pem").read_bytes()
-        clients = Clients(enroll_client, [(broker.bootstrap, ca_pem)] * args.clients)
-        load = Load(broker, clients, args.channels)
-        results: dict[str, list[UnaryRun]] = {}
-        successes = errors = 0
+        live: list[Any] = []
+        loads: dict[str, Load] = {}
+        everything: dict[str, list[UnaryRun]] = {s: [] for s in stores}
+        errors = 0
         try:
-            print(
-                f"broker pid {broker.pid} ports {broker.ports}; {args.clients} client process(es)"
-            )
-            everything: list[UnaryRun] = [load.run("reused", warmup, args.concurrency)]
+            for store, config in homes.items():
+                broker = backends.broker_on(config, what_if=args.what_if)
+                live.append(broker)
+                ca_pem = (config.certs_dir / "ca-bundle.pem").read_bytes()
+                clients = Clients(enroll_client, [(broker.bootstrap, ca_pem)] * args.clients)
+                live.append(clients)
+                loads[store] = Load(broker, clients, args.channels)
+                print(
+                    f"{backends.NAMES[store]} broker pid {broker.pid} ports {broker.ports}; "
+                    f"{args.clients} client process(es)"
+                )
+                everything[store].append(
+                    loads[store].run("reused", prepared[store][0], args.concurrency)
+                )
+
+            def runner(mode: str, conc: int) -> Callable[[str], backends.Runner]:
+                return lambda s: lambda r: loads[s].run(mode, prepared[s][1][mode][r], conc)
+
             for mode in modes:
                 n, conc = plan[mode]
                 desc = (
@@ -442,40 +479,60 @@ def main(argv: list[str] | None = None) -> int:
                     else f"new TLS connection per call, {conc} in flight"
                 )
                 print(f"\n{mode}: {args.runs} runs x {n} enrollments ({desc})")
-                results[mode] = [load.run(mode, items[mode][r], conc) for r in range(args.runs)]
-                for r, result in enumerate(results[mode]):
-                    print_run(r + 1, result, "enroll/s")
-                print_breakdown(results[mode], "enroll/s")
-                everything += results[mode]
+                by_store = backends.interleave(
+                    backends.runners(stores, runner(mode, conc)), args.runs, "enroll/s"
+                )
+                if line := backends.print_stores(mode, by_store, "enroll/s"):
+                    comparisons.append(line)
+                for store, runs in by_store.items():
+                    results.setdefault(store, {})[mode] = runs
+                    everything[store] += runs
             if not args.no_baseline:
                 print(
                     f"\nbaseline: 1 run x {args.n} GetTrustBundle calls ({args.channels} "
                     f"channels, {args.concurrency} in flight; no core thread, no store)"
                 )
-                result = load.run("baseline", [("", "", "")] * args.n, args.concurrency)
-                print_run(1, result, "calls/s ")
-                print_breakdown([result], "calls/s")
-                results["baseline"] = [result]
-                errors += sum(result.errors.values())
-            for mode in modes if py_spy else []:
-                assert py_spy is not None and args.profile is not None
-                for (flavour, flags), batch in zip(PROFILES, items[mode][args.runs :], strict=True):
-                    spy = Spy(py_spy, args.profile, mode, {"broker": broker.pid}, flags, flavour)
-                    result = load.run(mode, batch, plan[mode][1])
-                    print(
-                        f"\n  profile {mode} / {flavour}: {result.rate:,.0f} enroll/s under the "
-                        "profiler (not in the figures)"
-                    )
-                    spy.stop()
-                    everything.append(result)
-            successes = sum(r.ok for r in everything)
-            errors += sum(sum(r.errors.values()) for r in everything)
-        finally:
-            clients.stop()
-            broker.stop()
+                empty = [("", "", "")] * args.n
 
-        print("\nstore check after the broker stopped:")
-        problems = verify_store(config, successes, tokens)
+                def baseline(s: str) -> backends.Runner:
+                    return lambda _r: loads[s].run("baseline", empty, args.concurrency)
+
+                by_store = backends.interleave(backends.runners(stores, baseline), 1, "calls/s ")
+                for store, runs in by_store.items():
+                    results[store]["baseline"] = runs
+                    errors += sum(runs[0].errors.values())
+            for store in stores if py_spy else []:
+                assert py_spy is not None and args.profile is not None
+                load = loads[store]
+                for mode in modes:
+                    batches = prepared[store][1][mode][args.runs :]
+
+                    def report(flavour: str, result: UnaryRun, what: str = mode) -> None:
+                        print(
+                            f"\n  profile {what} / {flavour}: {result.rate:,.0f} enroll/s under "
+                            "the profiler (not in the figures)"
+                        )
+
+                    everything[store] += profiled_runs(
+                        py_spy,
+                        args.profile,
+                        f"{store}-{mode}",
+                        load.broker.pid,
+                        functools.partial(run_batch, load, mode, batches, plan[mode][1]),
+                        report,
+                    )
+        finally:
+            for proc in reversed(live):
+                proc.stop()
+
+        for store, config in homes.items():
+            print(f"\n{backends.NAMES[store]} store check after the broker stopped:")
+            runs = everything[store]
+            problems += [
+                f"{backends.NAMES[store]}: {p}"
+                for p in verify_store(config, sum(r.ok for r in runs), prepared[store][2])
+            ]
+            errors += sum(sum(r.errors.values()) for r in runs)
         if errors:
             problems.append(f"{errors} failed calls")
 
@@ -484,20 +541,26 @@ def main(argv: list[str] | None = None) -> int:
         "broker's Python-thread CPU,\n the ceiling while one process serves everything; CPU cap "
         f"= {NCPU} cores / (broker + client CPU per call))"
     )
-    print(f"  {'mode':<10}{summary_header()}")
-    for mode, runs in results.items():
-        print(f"  {mode:<10}{summary_row(runs)}")
+    print(f"  {'mode':<21}{summary_header()}")
+    for store, by_mode in results.items():
+        for mode, runs in by_mode.items():
+            print(f"  {mode + ' ' + backends.NAMES[store]:<21}{summary_row(runs)}")
+    for line in comparisons:
+        print(f"  {line}")
+    if costs:
+        print_core_summary(costs)
+    print(f"  correctness: {'OK' if not problems else 'FAILED: ' + '; '.join(problems)}")
+    print(f"  total time {time.monotonic() - t0:.0f} s")
+    return 0 if not problems else 1
+
+
+def print_core_summary(costs: list[Cost]) -> None:
     by = {c.name: c for c in costs}
     print(
-        f"  in-process medians: CSR check {us(by['CSR parse + signature check'].median)}, issue "
-        f"{us(by[ISSUE].median)}, store tx {us(by[STORE_FULL].median)} (FULL) / "
-        + (
-            f"{us(by[STORE_NORMAL].median)} (NORMAL)"
-            if STORE_NORMAL in by
-            else "NORMAL not measured (needs Config.sqlite_synchronous)"
-        )
-        + f" / {us(by[STORE_GROUP].median)} (32 per COMMIT), whole core call "
-        f"{us(by[CORE].median)}"
+        f"  in-process medians (SQLite): CSR check {us(by['CSR parse + signature check'].median)}, "
+        f"issue {us(by[ISSUE].median)}, store tx {us(by[STORE_FULL].median)} (FULL) / "
+        f"{us(by[STORE_NORMAL].median)} (NORMAL) / {us(by[STORE_GROUP].median)} (32 per COMMIT), "
+        f"whole core call {us(by[CORE].median)}"
     )
     grown = next(c for c in costs if c.name.startswith(GROW_FULL))
     ratio = grown.mean / by[GROW_EMPTY].mean
@@ -506,9 +569,6 @@ def main(argv: list[str] | None = None) -> int:
         f"{us(grown.mean)} {grown.name[len('enroll_with_token, ') :]} "
         f"(x{ratio:.1f}{'; should be flat' if ratio > 1.3 else ''})"
     )
-    print(f"  correctness: {'OK' if not problems else 'FAILED: ' + '; '.join(problems)}")
-    print(f"  total time {time.monotonic() - t0:.0f} s")
-    return 0 if not problems else 1
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ of the path are timed in-process (signing, certificate check, grant read, Sessio
     .venv/bin/python -m bench.sessions                  # 5 runs per cell
     .venv/bin/python -m bench.sessions --quick          # 3 short runs per cell
     .venv/bin/python -m bench.sessions --clients 1      # the README's cells
+    .venv/bin/python -m bench.sessions --store both     # SQLite and PostgreSQL, runs alternated
     .venv/bin/python -m bench.sessions --clients '' --compare per-call-commit switch-interval
         # what-ifs: one broker per what-if next to the matrix's, runs interleaved round robin
 """
@@ -33,16 +34,16 @@ from typing import Any
 
 import grpc
 
-from bench.harness.broker import BrokerChild, WhatIf, sync_supported
+from bench.harness import stores as backends
+from bench.harness.broker import BrokerChild, WhatIf
 from bench.harness.cli import bench_parser, parse
 from bench.harness.fleet import Clients, Deferred, split
-from bench.harness.profiling import PROFILES, Spy, py_spy_binary
+from bench.harness.profiling import profiled_runs, py_spy_binary
 from bench.harness.provision import (
     CHEAP_ARGON2,
     App,
     Core,
     audit_check,
-    bench_home,
     check_line,
     elapsed,
     provision,
@@ -53,23 +54,23 @@ from bench.harness.unary import (
     UnaryRun,
     drive,
     print_breakdown,
-    print_run,
     run_load,
     summary_header,
     summary_row,
 )
 from broker.config import Config
 
+OPEN = "Sessions.open, as shipped"
 WHAT_IFS = {
     "sync-normal": (
-        "SQLite synchronous=NORMAL (no fsync per commit; needs Config.sqlite_synchronous)",
+        "SQLite synchronous=NORMAL (no fsync per commit; Config.sqlite_synchronous)",
         WhatIf(synchronous="NORMAL"),
     ),
     "sync-off": (
         "synchronous=OFF (never fsync; not durable, an upper bound)",
         WhatIf(synchronous="OFF"),
     ),
-    "per-call-commit": ("group commit of 1: one COMMIT per core call", WhatIf(max_batch=1)),
+    "per-call-commit": ("SQLite group commit of 1: one COMMIT per core call", WhatIf(max_batch=1)),
     "inline-core": (
         "core calls on the event loop thread (no hop; the loop blocks in fsync)",
         WhatIf(inline_core=True),
@@ -179,6 +180,7 @@ class Cell:
     clients: int
     inflight: int
     runs: list[UnaryRun]
+    store: str = backends.SQLITE
 
 
 class Load:
@@ -199,18 +201,6 @@ class Load:
             for i in range(self.count)
         ]
         return run_load(self.broker, self.clients, commands, n)
-
-    def cell(self, label: str, runs: int, n: int, inflight: int, offset: int) -> Cell:
-        print(
-            f"\n{label}: {self.count} client process(es), {inflight} in flight, {runs} runs x "
-            f"{n} OpenSession"
-        )
-        cell = Cell(label, self.count, inflight, [])
-        for r in range(runs):
-            cell.runs.append(self.run(n, inflight, offset + r * 7919))
-            print_run(r + 1, cell.runs[-1], "sessions/s")
-        print_breakdown(cell.runs, "sessions/s")
-        return cell
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,9 +302,10 @@ def micro_costs(config: Config, apps: list[App], devices: list[str], count: int)
         ),
     ]
     sessions = Sessions(config, core.store, core.clock, keyring)
+    sqlite = backends.is_sqlite(config)
     full = measure(
-        "Sessions.open, synchronous=FULL",
-        "as shipped: WAL, fsync per commit",
+        OPEN,
+        "SQLite WAL, synchronous=FULL" if sqlite else "PostgreSQL, synchronous_commit=on",
         lambda i: open_session(sessions, i),
         count,
     )
@@ -326,7 +317,7 @@ def micro_costs(config: Config, apps: list[App], devices: list[str], count: int)
             "grant reads, session insert, audit append, COMMIT",
         ),
     ]
-    for sync in ("NORMAL", "OFF") if sync_supported() else ():
+    for sync in ("NORMAL", "OFF") if sqlite else ():
         c = Core(config.with_overrides(sqlite_synchronous=sync))
         s = Sessions(config, c.store, c.clock, keyring)
 
@@ -335,7 +326,7 @@ def micro_costs(config: Config, apps: list[App], devices: list[str], count: int)
 
         rows.append(measure(f"Sessions.open, synchronous={sync}", "what-if", open_other, count))
         c.close()
-    for size in (16, 64):
+    for size in (16, 64) if sqlite else ():
 
         def batch(b: int, size: int = size) -> None:
             with core.store.batch():
@@ -349,23 +340,8 @@ def micro_costs(config: Config, apps: list[App], devices: list[str], count: int)
             )
         )
     core.close()
-    fd = os.open(config.home / "var" / "fsync.probe", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-
-        def write_sync(_i: int) -> None:
-            os.write(fd, b"x" * 4096)  # appended, as a WAL commit grows the -wal file
-            os.fsync(fd)
-
-        rows.append(
-            measure(
-                "fsync of an appended 4 KiB write",
-                "same filesystem as the database",
-                write_sync,
-                min(count, 200),
-            )
-        )
-    finally:
-        os.close(fd)
+    if sqlite:
+        rows.append(fsync_cost(config, count))
 
     async def hop() -> Cost:
         loop = asyncio.get_running_loop()
@@ -386,6 +362,27 @@ def micro_costs(config: Config, apps: list[App], devices: list[str], count: int)
 
     rows.append(asyncio.run(hop()))
     return rows
+
+
+def fsync_cost(config: Config, count: int) -> Cost:
+    """An appended 4 KiB write and fsync, beside the SQLite database (as a WAL commit does)."""
+    fd = os.open(
+        config.database.parent / "fsync.probe", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
+    )
+    try:
+
+        def write_sync(_i: int) -> None:
+            os.write(fd, b"x" * 4096)  # appended, as a WAL commit grows the -wal file
+            os.fsync(fd)
+
+        return measure(
+            "fsync of an appended 4 KiB write",
+            "same filesystem as the database",
+            write_sync,
+            min(count, 200),
+        )
+    finally:
+        os.close(fd)
 
 
 def verify_store(config: Config, devices: list[str], expected: int) -> list[str]:
@@ -418,6 +415,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "3 short runs per cell",
         "after the timed runs, extra runs under py-spy (raw stacks to DIR)",
         runs="cell",
+        stores=True,
     )
     p.add_argument("--n", type=int, help="OpenSession calls per run (default 5000, quick 1000)")
     p.add_argument("--concurrency", default="8,32,128", help="calls in flight, comma list")
@@ -425,7 +423,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--users", type=int, help="viewer accounts (default 200, quick 100)")
     p.add_argument("--apps-per-user", type=int, default=1, help="app instances per viewer (1)")
     p.add_argument("--devices", type=int, default=4, help="cameras, shared with every viewer (4)")
-    p.add_argument("--micro", type=int, help="samples per in-process measurement (400, quick 120)")
+    p.add_argument(
+        "--micro", type=int, help="samples per in-process measurement (400, quick 120; 0: skip)"
+    )
     p.add_argument(
         "--what-if", default="", help=f"broker tweaks for the matrix: {','.join(WHAT_IFS)}"
     )
@@ -440,14 +440,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parse(p, argv)
     args.n = args.n or (1000 if args.quick else 5000)
     args.users = args.users or (100 if args.quick else 200)
-    args.micro = args.micro or (120 if args.quick else 400)
+    args.micro = args.micro if args.micro is not None else (120 if args.quick else 400)
     args.concurrency = [int(x) for x in args.concurrency.split(",") if x]
     args.clients = [int(x) for x in args.clients.split(",") if x]
     for name in [args.what_if, *args.compare]:
         if name and name not in WHAT_IFS:
             p.error(f"unknown what-if {name!r}; choose from {', '.join(WHAT_IFS)}")
         if name:
-            WHAT_IFS[name][1].check()
+            WHAT_IFS[name][1].check(backends.chosen(args.store))
+    if args.compare and args.store == "both":
+        p.error("--compare runs on one store: pass --store sqlite or --store postgres")
     clients, _, inflight = args.compare_cell.partition("x")
     args.compare_cell = (int(clients), int(inflight))
     return args
@@ -469,123 +471,170 @@ def compare(
         f"\nCOMPARE {count} client process(es) x {inflight} in flight, runs interleaved; "
         "what-ifs are not the broker as shipped:"
     )
-    variants = [(args.what_if or "as shipped", baseline)]
+    brokers = {args.what_if or "as shipped": baseline}
     for name in args.compare:
         print(f"  {name}: {WHAT_IFS[name][0]}")
-        variants.append((name, BrokerChild(config.home, CHEAP_ARGON2, what_if=WHAT_IFS[name][1])))
-        live.append(variants[-1][1])
-    loads = [Load(proc, count, setup) for _, proc in variants]
-    live += [load.clients for load in loads]
-    warm = sum(load.run(2 * len(setup[1]), inflight, offset).ok for load in loads)
-    results: list[list[UnaryRun]] = [[] for _ in variants]
-    for r in range(args.runs):
-        for k in [(r + j) % len(variants) for j in range(len(variants))]:
-            results[k].append(loads[k].run(args.n, inflight, offset + 31 * r + k))
-            print(f"  {variants[k][0]:<20}", end="")
-            print_run(r + 1, results[k][-1], "sessions/s")
-    for (name, _), runs in zip(variants, results, strict=True):
+        brokers[name] = backends.broker_on(config, CHEAP_ARGON2, WHAT_IFS[name][1])
+        live.append(brokers[name])
+    loads = {name: Load(proc, count, setup) for name, proc in brokers.items()}
+    live += [load.clients for load in loads.values()]
+    warm = sum(load.run(2 * len(setup[1]), inflight, offset).ok for load in loads.values())
+    names = list(loads)
+
+    def runner(name: str) -> backends.Runner:
+        return lambda r: loads[name].run(args.n, inflight, offset + 31 * r + names.index(name))
+
+    results = backends.interleave(
+        {name: runner(name) for name in names}, args.runs, "sessions/s", 20
+    )
+    for name, runs in results.items():
         print(f"\n{name}: {count} client process(es), {inflight} in flight")
         print_breakdown(runs, "sessions/s")
         cells.append(Cell(f"{name} (cmp)", count, inflight, runs))
     return warm
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    t0 = time.monotonic()
-    live: list[Any] = []  # processes to stop at the end
-    with bench_home("sessions", args.keep, **CHEAP_ARGON2) as config:
-        print(
-            f"OpenSession benchmark: grpcio {grpc.__version__}, Python "
-            f"{sys.version.split()[0]}, {NCPU} CPUs, home {config.home}"
-        )
+class Side:
+    """One store: its home, provisioned fleet, broker as the matrix runs it."""
+
+    def __init__(self, store: str, config: Config, args: argparse.Namespace) -> None:
+        self.store, self.config = store, config
         prep = time.monotonic()
         fleet = provision(config, args.devices, 1, args.users, args.apps_per_user)
-        apps, devices = fleet.viewers, [c.device_id for c in fleet.cameras]
+        self.apps, self.devices = fleet.viewers, [c.device_id for c in fleet.cameras]
         print(
-            f"setup: {len(devices)} cameras, {args.users} viewers x {args.apps_per_user} app "
-            f"instance(s) = {len(apps)} app certificates, {args.users * len(devices)} shares "
-            f"(core API, before the broker starts) in {elapsed(prep)} (untimed)"
+            f"{backends.NAMES[store]} setup: {len(self.devices)} cameras, {args.users} viewers x "
+            f"{args.apps_per_user} app instance(s) = {len(self.apps)} app certificates, "
+            f"{args.users * len(self.devices)} shares (core API, before the broker starts) in "
+            f"{elapsed(prep)} (untimed)"
         )
-        setup = (fleet.ca_pem, apps, devices, fleet.jwks_json, fleet.issuer, fleet.trust_domain)
-        what_if = WHAT_IFS[args.what_if][1] if args.what_if else WhatIf()
-        label = args.what_if or "as shipped"
+        self.setup = (
+            fleet.ca_pem,
+            self.apps,
+            self.devices,
+            fleet.jwks_json,
+            fleet.issuer,
+            fleet.trust_domain,
+        )
+        self.broker = backends.broker_on(
+            config, CHEAP_ARGON2, WHAT_IFS[args.what_if][1] if args.what_if else None
+        )
+        print(
+            f"{backends.NAMES[store]} broker pid {self.broker.pid} main port {self.broker.ports['main']}"
+        )
+        self.successes = 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stores = backends.chosen(args.store)
+    t0 = time.monotonic()
+    live: list[Any] = []  # processes to stop at the end
+    cells: list[Cell] = []
+    comparisons: list[str] = []
+    costs: dict[str, list[Cost]] = {}
+    problems: list[str] = []
+    label = args.what_if or "as shipped"
+    with backends.store_homes("sessions", args.keep, stores, args.pg_url, **CHEAP_ARGON2) as homes:
+        print(
+            f"OpenSession benchmark: grpcio {grpc.__version__}, Python "
+            f"{sys.version.split()[0]}, {NCPU} CPUs, stores {', '.join(backends.NAMES[s] for s in stores)}"
+        )
         if args.what_if:
             print(f"\nWHAT-IF for the whole matrix: {args.what_if}: {WHAT_IFS[args.what_if][0]}")
-        broker = BrokerChild(config.home, CHEAP_ARGON2, what_if=what_if)
-        live.append(broker)
-        print(
-            f"\nbroker pid {broker.pid} main port {broker.ports['main']}; {len(apps)} app "
-            "instances, each with its own mTLS channel, opened before the clock and reused"
-        )
-        cells: list[Cell] = []
-        successes = offset = 0
+        sides: dict[str, Side] = {}
+        offset = 0
         try:
+            for store, config in homes.items():
+                sides[store] = Side(store, config, args)
+                live.append(sides[store].broker)
+            print(
+                "each app instance holds its own mTLS channel, opened before the clock and reused"
+            )
             for count in args.clients:
-                load = Load(broker, count, setup)
-                live.append(load.clients)
-                successes += load.run(2 * len(apps), max(args.concurrency), offset).ok  # warm-up
+                loads = {s: Load(side.broker, count, side.setup) for s, side in sides.items()}
+                live += [load.clients for load in loads.values()]
+                for s, load in loads.items():  # warm-up
+                    sides[s].successes += load.run(
+                        2 * len(sides[s].apps), max(args.concurrency), offset
+                    ).ok
                 for inflight in args.concurrency:
-                    cells.append(load.cell(label, args.runs, args.n, inflight, offset))
+
+                    def runner(
+                        s: str, inflight: int = inflight, base: int = offset, ls: Any = loads
+                    ) -> backends.Runner:
+                        return lambda r: ls[s].run(args.n, inflight, base + r * 7919)
+
+                    title = f"{label}, {count} client process(es) x {inflight} in flight"
+                    print(f"\n{title}: {args.runs} runs x {args.n} OpenSession")
+                    by_store = backends.interleave(
+                        backends.runners(stores, runner), args.runs, "sessions/s"
+                    )
+                    if line := backends.print_stores(title, by_store, "sessions/s"):
+                        comparisons.append(line)
+                    for s, runs in by_store.items():
+                        name = label if len(stores) == 1 else f"{label}, {backends.NAMES[s]}"
+                        cells.append(Cell(name, count, inflight, runs, s))
                     offset += 1
-                py_spy = py_spy_binary(args.py_spy) if args.profile else None
-                if args.profile and count == args.clients[0] and not py_spy:
-                    print("  (--profile: py-spy not found; pass --py-spy PATH)")
-                for flavour, flags in PROFILES if py_spy and count == args.clients[0] else ():
-                    assert py_spy is not None and args.profile is not None
-                    spy = Spy(
-                        py_spy, args.profile, "sessions", {"broker": broker.pid}, flags, flavour
-                    )
-                    result = load.run(args.n, max(args.concurrency), 104729)
-                    successes += result.ok
-                    print(
-                        f"\n  profile {flavour}: {result.rate:,.0f} sessions/s under the "
-                        "profiler (not in the figures)"
-                    )
-                    spy.stop()
-                load.clients.stop()
+                profile(args, count, sides, loads)
+                for load in loads.values():
+                    load.clients.stop()
             if args.compare:
-                successes += compare(args, config, broker, setup, cells, offset, live)
+                side = sides[stores[0]]
+                side.successes += compare(
+                    args, side.config, side.broker, side.setup, cells, offset, live
+                )
         finally:
             for proc in reversed(live):
                 proc.stop()
-        runs = [r for cell in cells for r in cell.runs]
-        successes += sum(r.ok for r in runs)
-        errors = sum(sum(r.errors.values()) for r in runs)
-        bad = sum(r.extra.get("bad_tokens", 0) for r in runs)
 
-        print("\nstore check after the broker stopped:")
-        problems = verify_store(config, devices, successes)
-        print(
-            f"  tokens verified like a camera {sum(r.extra.get('verified', 0) for r in runs):>12,}"
-            f"  bad {bad}  {'ok' if not bad else 'BAD'}"
-        )
-        if bad:
-            problems.append(f"{bad} sampled tokens failed verification or binding")
-        if errors:
-            problems.append(f"{errors} failed OpenSession calls")
-        costs = micro_costs(config, apps, devices, args.micro)
-        print_costs(
-            f"in-process pieces (median of {args.micro} calls, no gRPC, after the check):", costs
-        )
+        for store, side in sides.items():
+            runs = [r for cell in cells if cell.store == store for r in cell.runs]
+            successes = side.successes + sum(r.ok for r in runs)
+            errors = sum(sum(r.errors.values()) for r in runs)
+            bad = sum(r.extra.get("bad_tokens", 0) for r in runs)
+            print(f"\n{backends.NAMES[store]} store check after the broker stopped:")
+            found = verify_store(side.config, side.devices, successes)
+            print(
+                f"  tokens verified like a camera "
+                f"{sum(r.extra.get('verified', 0) for r in runs):>12,}  bad {bad}  "
+                f"{'ok' if not bad else 'BAD'}"
+            )
+            if bad:
+                found.append(f"{bad} sampled tokens failed verification or binding")
+            if errors:
+                found.append(f"{errors} failed OpenSession calls")
+            problems += [f"{backends.NAMES[store]}: {p}" for p in found]
+            if args.micro:
+                costs[store] = micro_costs(side.config, side.apps, side.devices, args.micro)
+                print_costs(
+                    f"in-process pieces on {backends.NAMES[store]} (median of {args.micro} calls, no gRPC, "
+                    "after the check):",
+                    costs[store],
+                )
 
     print("\nSUMMARY (medians over runs; goal: 8,000 sessions/s on 2 cores, p99 < 10 ms)")
-    print(f"  {'broker':<22}{'clients':>8}{'inflight':>9}{summary_header()}")
+    print(f"  {'broker':<26}{'clients':>8}{'inflight':>9}{summary_header()}")
     for cell in cells:
-        print(f"  {cell.label:<22}{cell.clients:>8}{cell.inflight:>9}{summary_row(cell.runs)}")
-    by = {c.name: c.median for c in costs}
-    normal = (
-        f"{us(by['Sessions.open, synchronous=NORMAL'])} (NORMAL)"
-        if "Sessions.open, synchronous=NORMAL" in by
-        else "NORMAL not measured"
-    )
-    print(
-        f"  in-process: sign {us(by['TokenKeyring.sign (ES256 JWT, PyJWT)'])}, check_presented "
-        f"{us(by['DeviceAuthority.check_presented'])}, Sessions.open "
-        f"{us(by['Sessions.open, synchronous=FULL'])} (FULL) / {normal} / "
-        f"{us(by['Sessions.open, group commit of 64'])} (group commit 64), hop "
-        f"{us(by['loop -> core thread -> loop hop'])}"
-    )
+        print(f"  {cell.label:<26}{cell.clients:>8}{cell.inflight:>9}{summary_row(cell.runs)}")
+    for line in comparisons:
+        print(f"  {line}")
+    for store, rows in costs.items():
+        by = {c.name: c.median for c in rows}
+        variants = " / ".join(
+            f"{us(by[name])} ({tag})"
+            for name, tag in (
+                ("Sessions.open, synchronous=NORMAL", "NORMAL"),
+                ("Sessions.open, group commit of 64", "group commit 64"),
+            )
+            if name in by
+        )
+        print(
+            f"  in-process on {backends.NAMES[store]}: sign {us(by['TokenKeyring.sign (ES256 JWT, PyJWT)'])}, "
+            f"check_presented {us(by['DeviceAuthority.check_presented'])}, Sessions.open "
+            f"{us(by[OPEN])}{' / ' + variants if variants else ''}, hop "
+            f"{us(by['loop -> core thread -> loop hop'])}"
+        )
     print(
         "  (srv CPU = broker CPU per call; GIL cap = calls/s if the broker's Python threads were "
         f"the only limit;\n   CPU cap = {NCPU} cores / (broker + client CPU per call); others = "
@@ -594,6 +643,38 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  correctness: {'OK' if not problems else 'FAILED: ' + '; '.join(problems)}")
     print(f"  total time {time.monotonic() - t0:.0f} s")
     return 0 if not problems else 1
+
+
+def profile(
+    args: argparse.Namespace, count: int, sides: dict[str, Side], loads: dict[str, Load]
+) -> None:
+    """--profile: extra runs under py-spy with the first client count, not in the figures."""
+    if not args.profile or count != args.clients[0]:
+        return
+    py_spy = py_spy_binary(args.py_spy)
+    if not py_spy:
+        print("  (--profile: py-spy not found; pass --py-spy PATH)")
+        return
+    for store, side in sides.items():
+
+        def report(flavour: str, result: UnaryRun, name: str = backends.NAMES[store]) -> None:
+            print(
+                f"\n  profile {name} {flavour}: {result.rate:,.0f} sessions/s under the "
+                "profiler (not in the figures)"
+            )
+
+        def run(_k: int, load: Load = loads[store]) -> UnaryRun:
+            return load.run(args.n, max(args.concurrency), 104729)
+
+        done = profiled_runs(
+            py_spy,
+            args.profile,
+            f"sessions-{store}",
+            side.broker.pid,
+            run,
+            report,
+        )
+        side.successes += sum(r.ok for r in done)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ WHAT_IFS: dict[str, tuple[str, dict[str, Any]]] = {
         {"switch_interval": 0.0005},
     ),
     "sync-normal": (
-        "SQLite synchronous=NORMAL (needs Config.sqlite_synchronous)",
+        "SQLite synchronous=NORMAL (Config.sqlite_synchronous)",
         {"synchronous": "NORMAL"},
     ),
 }

@@ -4,6 +4,7 @@
 - fleet:     client processes driven over pipes; SDK clients and simulated cameras inside them
 - unary:     C unary calls in flight, one run's figures, printed alike by every unary benchmark
 - provision: bench home and dev PKI, tokens, cameras, accounts, app instances, store checks
+- stores:    the store under test (SQLite, PostgreSQL, or both with runs alternated) and ratios
 - stats:     medians, percentiles, CPU of this process, its threads, any pid, the machine
 - profiling: py-spy hook (when installed) and per-thread summaries
 

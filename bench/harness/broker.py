@@ -27,6 +27,7 @@ from typing import Any
 from bench.harness.stats import pid_memory, process_cpu, raise_nofile, thread_cpu
 from broker.config import Config
 
+
 def bench_config(home: Path, **overrides: Any) -> Config:
     """A broker config in home with every listener on port 0."""
     return Config(

@@ -9,10 +9,13 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from bench.harness.stats import CORE_THREAD
 
+T = TypeVar("T")
 # (flavour, py-spy flags): every running thread without pausing, or only the GIL holder.
 PROFILES = (("threads", ["--threads", "--nonblocking"]), ("gil", ["--threads", "--gil"]))
 BORING = (
@@ -117,3 +120,22 @@ def summarize_profile(raw: Path, top: int = 12, threads_shown: int = 4) -> None:
             print(f"      incl {100 * n / total:5.1f}%  {frame}")
         for frame, n in leaves[thread].most_common(6):
             print(f"      self {100 * n / total:5.1f}%  {frame}")
+
+
+def profiled_runs(
+    py_spy: str,
+    out: Path,
+    prefix: str,
+    pid: int,
+    run: Callable[[int], T],
+    report: Callable[[str, T], None],
+) -> list[T]:
+    """One extra run(k) per profile flavour with py-spy on the broker (pid); report(flavour,
+    result) prints it before the profile's summary."""
+    results: list[T] = []
+    for k, (flavour, flags) in enumerate(PROFILES):
+        spy = Spy(py_spy, out, prefix, {"broker": pid}, flags, flavour)
+        results.append(run(k))
+        report(flavour, results[-1])
+        spy.stop()
+    return results

@@ -163,10 +163,10 @@ def comparison(title: str, results: dict[str, list[UnaryRun]], unit: str) -> str
 
 
 def broker_on(
-    config: Config, overrides: dict[str, Any] | None = None, what_if: WhatIf = WhatIf()
+    config: Config, overrides: dict[str, Any] | None = None, what_if: WhatIf | None = None
 ) -> BrokerChild:
     """A broker child on config's home and on the store config names."""
     extra = dict(overrides or {})
     if config.store_url:
         extra["store_url"] = config.store_url
-    return BrokerChild(config.home, extra, what_if=what_if)
+    return BrokerChild(config.home, extra, what_if=what_if or WhatIf())

@@ -64,6 +64,9 @@ class AppEnrollment:
     issued: IssuedCertificate
 
 
+KEY_TAKEN = "this public key already belongs to another identity: make a new key"
+
+
 @dataclass(frozen=True, slots=True)
 class AppRevoked:
     """Outcome of revoking an app instance (or its sign-out)."""
@@ -169,9 +172,7 @@ class Accounts:
 
         def unit(tx: Transaction) -> IssuedCertificate:
             if not self._certs.key_is_free(tx, key, identity):
-                raise PermissionDenied(
-                    "this public key already belongs to another identity: make a new key"
-                )
+                raise PermissionDenied(KEY_TAKEN)
             tx.insert_app(
                 AppRecord(app_id, user.user_id, label, AppState.ACTIVE, now_s(self._clock))
             )
@@ -197,10 +198,6 @@ class Accounts:
             app = tx.get_app(caller.app_id)
             if app is None or app.state is not AppState.ACTIVE or app.user_id != caller.name:
                 raise Unauthenticated("app instance is signed out or revoked")
-            if not self._certs.key_is_free(tx, key, caller):
-                raise PermissionDenied(
-                    "this public key already belongs to another identity: make a new key"
-                )
             return self._certs.renew(
                 tx,
                 self._ca,
@@ -208,6 +205,7 @@ class Accounts:
                 key,
                 dt.timedelta(days=self._config.app_cert_days),
                 caller.app_id,
+                KEY_TAKEN,
             )
 
         return self._store.run(unit)

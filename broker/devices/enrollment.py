@@ -262,8 +262,6 @@ class DeviceAuthority:
             record = tx.get_device(caller.name)
             if record is None or record.state is not DeviceState.ACTIVE:
                 raise Unauthenticated("device is not active")
-            if not self._certs.key_is_free(tx, key, caller):
-                raise PermissionDenied(_refusal_message("key bound to another identity"))
             return self._certs.renew(
                 tx,
                 self._ca,
@@ -271,6 +269,7 @@ class DeviceAuthority:
                 key,
                 dt.timedelta(days=self._config.device_cert_days),
                 caller.name,
+                _refusal_message("key bound to another identity"),
             )
 
         return self._store.run(unit)

@@ -10,6 +10,7 @@ import datetime as dt
 from broker.audit.chain import AuditEvent
 from broker.audit.recorder import AuditRecorder
 from broker.clock import Clock, now_s, unix
+from broker.errors import PermissionDenied
 from broker.identity.spiffe import Identity
 from broker.pki.ca import IssuedCertificate, IssuingAuthority
 from broker.pki.csr import PublicKey, spki_sha256
@@ -36,8 +37,12 @@ class CertificateBook:
         key: PublicKey,
         lifetime: dt.timedelta,
         audit_subject: str,
+        key_taken: str,
     ) -> IssuedCertificate:
-        """Issue and record a new certificate for caller, supersede its others, audit it."""
+        """Issue and record a new certificate for caller, supersede its others, audit it. A key
+        that another identity holds is refused with PermissionDenied(key_taken) (I2)."""
+        if not self.key_is_free(tx, key, caller):
+            raise PermissionDenied(key_taken)
         issued = ca.issue(key, caller, lifetime)
         self.record_issued(tx, caller, issued, key)
         superseded = tx.supersede_certificates(caller.spiffe_id, issued.serial, now_s(self._clock))

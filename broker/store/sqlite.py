@@ -17,45 +17,37 @@ from typing import Any, TypeVar
 
 from broker.audit.chain import GENESIS, AuditEntry, AuditEvent, canonical_detail, entry_hash
 from broker.errors import ConfigurationError
-from broker.identity.spiffe import Kind
 from broker.store.base import (
     AppRecord,
-    AppState,
     CertificateRecord,
-    CertStatus,
     DeviceRecord,
-    DeviceState,
     DuplicateKey,
     EnrollmentTokenRecord,
     GrantRecord,
     MissingReference,
-    Role,
     SchemaTooNew,
-    SessionOutcome,
     SessionRecord,
     Transaction,
     UserRecord,
+)
+from broker.store.rows import (
+    APP_COLUMNS,
+    CERT_COLUMNS,
+    DEVICE_COLUMNS,
+    GRANT_COLUMNS,
+    SESSION_COLUMNS,
+    TOKEN_COLUMNS,
+    USER_COLUMNS,
+    app_row,
+    cert_row,
+    device_row,
+    grant_row,
+    session_row,
 )
 from broker.store.schema import LATEST_VERSION, MIGRATIONS
 
 T = TypeVar("T")
 
-DEVICE_COLUMNS = (
-    "device_id, state, created_at, enrolled_via, claim_code_hash, revoked_at, last_seen_at, "
-    "trust_bundle_version"
-)
-CERT_COLUMNS = (
-    "serial, spiffe_id, kind, subject, spki_sha256, fingerprint, not_before, not_after, status, "
-    "issued_at, superseded_by, superseded_at, revoked_at, revocation_reason, issuer_ski"
-)
-USER_COLUMNS = "user_id, username, password_hash, created_at"
-APP_COLUMNS = "app_id, user_id, label, state, created_at, revoked_at"
-GRANT_COLUMNS = "device_id, user_id, role, granted_by, created_at, expires_at"
-SESSION_COLUMNS = (
-    "session_id, device_id, user_id, app_id, opened_at, expires_at, outcome, reason, "
-    "cnf_thumbprint, ended_at, bytes"
-)
-TOKEN_COLUMNS = "token_hash, device_id, created_at, expires_at, created_by, used_at"  # noqa: S105
 
 # SQLite's "UNIQUE constraint failed: <columns>" text -> the backend-neutral constraint name.
 _UNIQUE_COLUMNS = {
@@ -70,31 +62,6 @@ _UNIQUE_COLUMNS = {
     "grants.device_id": "grants.one_owner",  # the partial index grants_one_owner
     "sessions.session_id": "sessions.session_id",
 }
-
-
-def _device(row: sqlite3.Row | tuple[Any, ...]) -> DeviceRecord:
-    return DeviceRecord(row[0], DeviceState(row[1]), *row[2:])
-
-
-def _cert(row: sqlite3.Row | tuple[Any, ...]) -> CertificateRecord:
-    values = list(row)
-    values[2] = Kind(values[2])
-    values[8] = CertStatus(values[8])
-    return CertificateRecord(*values)
-
-
-def _app(row: tuple[Any, ...]) -> AppRecord:
-    return AppRecord(row[0], row[1], row[2], AppState(row[3]), row[4], row[5])
-
-
-def _grant(row: tuple[Any, ...]) -> GrantRecord:
-    return GrantRecord(row[0], row[1], Role(row[2]), row[3], row[4], row[5])
-
-
-def _session(row: tuple[Any, ...]) -> SessionRecord:
-    values = list(row)
-    values[6] = SessionOutcome(values[6])
-    return SessionRecord(*values)
 
 
 SYNCHRONOUS_MODES = ("FULL", "NORMAL", "OFF")
@@ -127,7 +94,7 @@ class SqliteTransaction:
     # devices
     def get_device(self, device_id: str) -> DeviceRecord | None:
         row = self._one(f"SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = ?", (device_id,))
-        return _device(row) if row else None
+        return device_row(row) if row else None
 
     def insert_device(self, device: DeviceRecord) -> None:
         self._insert(
@@ -160,7 +127,7 @@ class SqliteTransaction:
 
     def list_devices(self) -> list[DeviceRecord]:
         rows = self._conn.execute(f"SELECT {DEVICE_COLUMNS} FROM devices ORDER BY device_id")
-        return [_device(r) for r in rows]
+        return [device_row(r) for r in rows]
 
     def record_presence(self, device_id: str, at: int, trust_bundle_version: str) -> None:
         self._conn.execute(
@@ -200,14 +167,14 @@ class SqliteTransaction:
 
     def get_certificate(self, serial: str) -> CertificateRecord | None:
         row = self._one(f"SELECT {CERT_COLUMNS} FROM certificates WHERE serial = ?", (serial,))
-        return _cert(row) if row else None
+        return cert_row(row) if row else None
 
     def certificates_of(self, subject: str) -> list[CertificateRecord]:
         rows = self._conn.execute(
             f"SELECT {CERT_COLUMNS} FROM certificates WHERE subject = ? ORDER BY issued_at, serial",
             (subject,),
         )
-        return [_cert(r) for r in rows]
+        return [cert_row(r) for r in rows]
 
     def subjects_with_key(self, spki_sha256: str) -> set[str]:
         rows = self._conn.execute(
@@ -237,7 +204,7 @@ class SqliteTransaction:
             "ORDER BY serial",
             (now,),
         )
-        return [_cert(r) for r in rows]
+        return [cert_row(r) for r in rows]
 
     def active_certificates_issued_by(self, issuer_skis: set[str]) -> list[CertificateRecord]:
         if not issuer_skis:
@@ -248,7 +215,7 @@ class SqliteTransaction:
             f"AND issuer_ski IN ({marks}) ORDER BY serial",
             tuple(sorted(issuer_skis)),
         )
-        return [_cert(r) for r in rows]
+        return [cert_row(r) for r in rows]
 
     # enrollment tokens
     def insert_enrollment_token(self, token: EnrollmentTokenRecord) -> None:
@@ -312,7 +279,7 @@ class SqliteTransaction:
 
     def get_app(self, app_id: str) -> AppRecord | None:
         row = self._one(f"SELECT {APP_COLUMNS} FROM app_instances WHERE app_id = ?", (app_id,))
-        return _app(row) if row else None
+        return app_row(row) if row else None
 
     def revoke_app(self, app_id: str, at: int) -> None:
         self._conn.execute(
@@ -334,7 +301,7 @@ class SqliteTransaction:
             f"SELECT {GRANT_COLUMNS} FROM grants WHERE device_id = ? AND user_id = ?",
             (device_id, user_id),
         )
-        return _grant(row) if row else None
+        return grant_row(row) if row else None
 
     def insert_grant(self, grant: GrantRecord) -> None:
         self._insert(
@@ -378,13 +345,13 @@ class SqliteTransaction:
         rows = self._conn.execute(
             f"DELETE FROM grants WHERE device_id = ? RETURNING {GRANT_COLUMNS}", (device_id,)
         ).fetchall()
-        return [_grant(r) for r in rows]
+        return [grant_row(r) for r in rows]
 
     def grants_of_user(self, user_id: str) -> list[GrantRecord]:
         rows = self._conn.execute(
             f"SELECT {GRANT_COLUMNS} FROM grants WHERE user_id = ? ORDER BY device_id", (user_id,)
         )
-        return [_grant(r) for r in rows]
+        return [grant_row(r) for r in rows]
 
     # sessions
     def insert_session(self, session: SessionRecord) -> None:
@@ -410,7 +377,7 @@ class SqliteTransaction:
         row = self._one(
             f"SELECT {SESSION_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,)
         )
-        return _session(row) if row else None
+        return session_row(row) if row else None
 
     def end_sessions(self, session_ids: list[str], at: int, reason: str) -> list[str]:
         ended = []
@@ -435,14 +402,14 @@ class SqliteTransaction:
         rows = self._conn.execute(
             f"SELECT {SESSION_COLUMNS} FROM sessions WHERE {' AND '.join(clauses)}", tuple(args)
         )
-        return [_session(r) for r in rows]
+        return [session_row(r) for r in rows]
 
     def sessions_of_device(self, device_id: str) -> list[SessionRecord]:
         rows = self._conn.execute(
             f"SELECT {SESSION_COLUMNS} FROM sessions WHERE device_id = ? ORDER BY opened_at, session_id",
             (device_id,),
         )
-        return [_session(r) for r in rows]
+        return [session_row(r) for r in rows]
 
     def close_session(self, session_id: str, at: int, reason: str, byte_count: int) -> bool:
         cursor = self._conn.execute(

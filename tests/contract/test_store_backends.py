@@ -21,6 +21,7 @@ from broker.errors import ConfigurationError, Contention, Unavailable
 from broker.service.status import status_for, trailing_details
 from broker.store.base import DeviceRecord, DeviceState, SchemaTooNew, Transaction
 from broker.store.open import open_store, sqlite_path, store_url
+from broker.store.postgres.schema import STEPS
 from broker.store.sqlite import SqliteStore
 from tests.contract.conftest import StoreFactory
 from tests.contract.test_store_contract import WRITERS, device, race
@@ -98,7 +99,37 @@ def test_postgres_fresh_database_starts_at_the_baseline(postgres_url: str) -> No
         assert store.migrate(target=1) == LATEST_VERSION  # never goes backwards
     finally:
         store.close()
-    assert _versions(postgres_url) == [(BASELINE_VERSION, "baseline")]
+    assert _versions(postgres_url) == [(BASELINE_VERSION, "baseline")] + [
+        (version, "") for version in sorted(STEPS)
+    ]
+
+
+def test_postgres_database_at_the_baseline_migrates_to_every_later_version(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database a v6 broker created (baseline only) is brought to the latest schema on open,
+    with its rows intact (issue 10: migration from every earlier schema version)."""
+    import broker.store.postgres.store as pg_store
+    from broker.store.postgres.schema import BASELINE_VERSION, LATEST_VERSION
+
+    with monkeypatch.context() as old_broker:
+        old_broker.setattr(pg_store, "STEPS", {})
+        old_broker.setattr(pg_store, "LATEST_VERSION", BASELINE_VERSION)
+        store = _postgres_store(postgres_url)
+        store.run(lambda tx: tx.insert_device(device()))
+        store.close()
+    assert [v for v, _ in _versions(postgres_url)] == [BASELINE_VERSION]
+    store = _postgres_store(postgres_url)
+    try:
+        assert store.schema_version() == LATEST_VERSION
+        with store.read() as tx:
+            assert tx.get_device("cam-1") == device()
+            assert tx.count_failures("login.user", "anna", 0) == (0, None)
+    finally:
+        store.close()
+    assert [v for v, _ in _versions(postgres_url)] == list(
+        range(BASELINE_VERSION, LATEST_VERSION + 1)
+    )
 
 
 def test_postgres_replicas_migrating_at_once_apply_the_baseline_once(postgres_url: str) -> None:
@@ -121,15 +152,15 @@ def test_postgres_replicas_migrating_at_once_apply_the_baseline_once(postgres_ur
     for store in stores:
         store.close()
     assert errors == []
-    assert len(_versions(postgres_url)) == 1
+    assert len(_versions(postgres_url)) == 1 + len(STEPS)
 
 
 def test_postgres_applies_later_steps_in_order(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A future v7/v8 step (as a later release will add) is applied on open, once, in order."""
+    """Future steps (as a later release will add) are applied on open, once, in order."""
     import broker.store.postgres.store as pg_store
-    from broker.store.postgres.schema import BASELINE_VERSION
+    from broker.store.postgres.schema import BASELINE_VERSION, LATEST_VERSION
 
     _postgres_store(postgres_url).close()  # a database at the baseline, with a row
     store = _postgres_store(postgres_url)
@@ -138,29 +169,28 @@ def test_postgres_applies_later_steps_in_order(
     store.close()
 
     steps = {
-        BASELINE_VERSION + 1: ("ALTER TABLE devices ADD COLUMN note TEXT",),
-        BASELINE_VERSION + 2: ("UPDATE devices SET note = 'migrated'",),
+        **STEPS,
+        LATEST_VERSION + 1: ("ALTER TABLE devices ADD COLUMN note TEXT",),
+        LATEST_VERSION + 2: ("UPDATE devices SET note = 'migrated'",),
     }
     monkeypatch.setattr(pg_store, "STEPS", steps)
-    monkeypatch.setattr(pg_store, "LATEST_VERSION", BASELINE_VERSION + 2)
+    monkeypatch.setattr(pg_store, "LATEST_VERSION", LATEST_VERSION + 2)
     store = _postgres_store(postgres_url)
     try:
-        assert store.schema_version() == BASELINE_VERSION + 2
+        assert store.schema_version() == LATEST_VERSION + 2
         with store.read() as tx:
             assert tx.get_device("cam-1") == device()
     finally:
         store.close()
-    assert [v for v, _ in _versions(postgres_url)] == [
-        BASELINE_VERSION,
-        BASELINE_VERSION + 1,
-        BASELINE_VERSION + 2,
-    ]
+    assert [v for v, _ in _versions(postgres_url)] == list(
+        range(BASELINE_VERSION, LATEST_VERSION + 3)
+    )
     with psycopg.connect(postgres_url) as conn:
         assert conn.execute("SELECT note FROM devices").fetchall() == [("migrated",)]
 
 
 def test_postgres_refuses_a_newer_schema(postgres_url: str) -> None:
-    from broker.store.postgres.schema import LATEST_VERSION
+    from broker.store.postgres.schema import BASELINE_VERSION, LATEST_VERSION
 
     _postgres_store(postgres_url).close()
     with psycopg.connect(postgres_url) as conn:
@@ -168,7 +198,10 @@ def test_postgres_refuses_a_newer_schema(postgres_url: str) -> None:
     for migrate in (True, False):
         with pytest.raises(SchemaTooNew, match=rf"v{LATEST_VERSION + 1} is newer than this broker"):
             _postgres_store(postgres_url, migrate=migrate)
-    assert [v for v, _ in _versions(postgres_url)] == [LATEST_VERSION, LATEST_VERSION + 1]
+    assert [v for v, _ in _versions(postgres_url)] == [
+        *range(BASELINE_VERSION, LATEST_VERSION + 1),
+        LATEST_VERSION + 1,
+    ]
 
 
 def test_postgres_unreachable_is_unavailable() -> None:

@@ -1,0 +1,66 @@
+"""What both backends share: the column lists of each record and turning a row into a record.
+
+The schema is the same on SQLite and PostgreSQL (``schema.py`` and ``postgres/schema.py`` keep the
+same versions), so a row has the same column order on either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from broker.identity.spiffe import Kind
+from broker.store.base import (
+    AppRecord,
+    AppState,
+    CertificateRecord,
+    CertStatus,
+    DeviceRecord,
+    DeviceState,
+    GrantRecord,
+    Role,
+    SessionOutcome,
+    SessionRecord,
+)
+
+DEVICE_COLUMNS = (
+    "device_id, state, created_at, enrolled_via, claim_code_hash, revoked_at, last_seen_at, "
+    "trust_bundle_version"
+)
+CERT_COLUMNS = (
+    "serial, spiffe_id, kind, subject, spki_sha256, fingerprint, not_before, not_after, status, "
+    "issued_at, superseded_by, superseded_at, revoked_at, revocation_reason, issuer_ski"
+)
+USER_COLUMNS = "user_id, username, password_hash, created_at"
+APP_COLUMNS = "app_id, user_id, label, state, created_at, revoked_at"
+GRANT_COLUMNS = "device_id, user_id, role, granted_by, created_at, expires_at"
+SESSION_COLUMNS = (
+    "session_id, device_id, user_id, app_id, opened_at, expires_at, outcome, reason, "
+    "cnf_thumbprint, ended_at, bytes"
+)
+TOKEN_COLUMNS = "token_hash, device_id, created_at, expires_at, created_by, used_at"  # noqa: S105
+
+
+def device_row(row: Sequence[Any]) -> DeviceRecord:
+    return DeviceRecord(row[0], DeviceState(row[1]), *row[2:])
+
+
+def cert_row(row: Sequence[Any]) -> CertificateRecord:
+    values = list(row)
+    values[2] = Kind(values[2])
+    values[8] = CertStatus(values[8])
+    return CertificateRecord(*values)
+
+
+def app_row(row: Sequence[Any]) -> AppRecord:
+    return AppRecord(row[0], row[1], row[2], AppState(row[3]), row[4], row[5])
+
+
+def grant_row(row: Sequence[Any]) -> GrantRecord:
+    return GrantRecord(row[0], row[1], Role(row[2]), row[3], row[4], row[5])
+
+
+def session_row(row: Sequence[Any]) -> SessionRecord:
+    values = list(row)
+    values[6] = SessionOutcome(values[6])
+    return SessionRecord(*values)
