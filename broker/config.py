@@ -23,6 +23,18 @@ class Config:
     # grpcio cannot make a client certificate optional (it either never asks or requires one), so
     # birth-certificate enrollment has its own mutual-TLS listener bound to the factory CA.
     factory_address: str = "127.0.0.1:8445"
+    # Fleet (issue 11). Each replica has a unique name; its internal listener (replica-to-replica
+    # mutual TLS, replica certificates only) is where other replicas forward Watch calls.
+    replica_name: str = "r1"
+    internal_address: str = "127.0.0.1:0"
+    # Several processes may share the public ports on one host (SO_REUSEPORT).
+    so_reuseport: bool = False
+    # An attachment (device -> replica, epoch) is live while its lease runs; heartbeats renew it.
+    attach_lease_seconds: int = 45
+    # A replica whose event feed has not been read for this long refuses OpenSession and Watch.
+    event_feed_stale_seconds: float = 5.0
+    # SIGTERM: cameras are told to reconnect elsewhere at times spread over this window.
+    drain_window_seconds: float = 30.0
     server_names: tuple[str, ...] = ("localhost",)
     device_cert_days: int = 30
     operator_cert_days: int = 90
@@ -100,6 +112,10 @@ def from_environment(home: Path | None = None) -> Config:
         overrides["allow_signup"] = env["BROKER_ALLOW_SIGNUP"].lower() not in ("0", "false", "no")
     if "BROKER_STORE" in env:
         overrides["store_url"] = env["BROKER_STORE"]
+    if "BROKER_REPLICA" in env:
+        overrides["replica_name"] = env["BROKER_REPLICA"]
+    if "BROKER_INTERNAL_ADDRESS" in env:
+        overrides["internal_address"] = env["BROKER_INTERNAL_ADDRESS"]
     if "BROKER_DB" in env:
         overrides["db_path"] = Path(env["BROKER_DB"])
     if "BROKER_SERVER_NAMES" in env:

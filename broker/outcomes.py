@@ -29,10 +29,12 @@ class EndSessions:
 
 @dataclass(frozen=True, slots=True)
 class EndAttach:
-    """End a camera's live Attach stream with error as its final status."""
+    """End a camera's live Attach stream with error as its final status; with an epoch, only the
+    stream of that attachment (a newer one of the same device is left alone)."""
 
     device_id: str
     error: BrokerError
+    epoch: int = 0
 
 
 @dataclass(frozen=True, slots=True)

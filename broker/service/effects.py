@@ -40,7 +40,9 @@ class EffectsApplier:
         ended: list[str] = []
         for end in effects.end_sessions:
             ended += self._end_sessions(end)
-        closed = sum(self._rt.presence.end_device(e.device_id, e.error) for e in effects.end_attach)
+        closed = sum(
+            self._rt.presence.end_device(e.device_id, e.error, e.epoch) for e in effects.end_attach
+        )
         notified = stale = 0
         if effects.trust is not None:
             notified, stale = self._trust(effects.trust)

@@ -42,6 +42,7 @@ class Runtime:
     relay: Relay
     pki: PkiReloader
     store: Store
+    replica: str = "r1"  # this process's replica name (config.replica_name)
     # Store-touching and signing calls run here; the broker passes a GroupCommitExecutor.
     executor: Executor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="broker-core")

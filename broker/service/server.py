@@ -134,6 +134,7 @@ class BrokerServer:
             Relay(presence, self.clock, self._alarm),
             PkiReloader(config, authority, sessions.reload_keyring),
             self.store,
+            replica=config.replica_name,
             executor=self.store.core_executor(),
         )
         self.effects = EffectsApplier(self.runtime)

@@ -27,6 +27,7 @@ class AttachHandle:
     serial: str
     chain_pem: str = ""
     issuer_ski: str = ""  # the issuing CA of the certificate this stream was opened with
+    epoch: int = 0  # the fencing token of this attachment in the store (0: not yet recorded)
     bundle_version: str = ""
     outbox: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
     ended: bool = False
@@ -85,11 +86,13 @@ class Presence:
     def online_count(self) -> int:
         return len(self._by_device)
 
-    def end_device(self, device_id: str, error: BrokerError) -> int:
-        """End the device's stream, if any; returns how many were ended."""
-        handle = self._by_device.pop(device_id, None)
-        if handle is None:
+    def end_device(self, device_id: str, error: BrokerError, epoch: int = 0) -> int:
+        """End the device's stream, if any (only the stream of that attachment epoch, when one is
+        given); returns how many were ended."""
+        handle = self._by_device.get(device_id)
+        if handle is None or (epoch and handle.epoch != epoch):
             return 0
+        del self._by_device[device_id]
         handle.end(error)
         return 1
 
