@@ -6,7 +6,7 @@ BROKER := $(VENV)/bin/broker
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run demo test lint proto certs db-migrate enroll-token factory-batch revoke-device revoke-app devices audit-verify crl rotate-server-cert rotate-intermediate rotate-root retire-root rotate-token-key rotation-status bench clean
+.PHONY: help venv run demo test lint proto certs db-migrate enroll-token factory-batch revoke-device revoke-app devices audit-verify crl rotate-server-cert rotate-intermediate rotate-root retire-root rotate-token-key rotation-status bench cluster rolling-restart clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -96,6 +96,12 @@ db-migrate: $(STAMP) ## [STORE=postgresql://...] bring the store's schema up to 
 
 bench: $(STAMP) ## enrollment benchmark (prints medians)
 	$(PY) -m bench.enroll
+
+cluster: $(STAMP) ## [N=3] [STORE=postgresql://...] [DRAIN=<s>] N replicas on the local PostgreSQL, foreground
+	$(PY) tools/cluster.py start --replicas "$(or $(N),3)" --store "$(or $(STORE),postgresql://postgres@127.0.0.1:5432/broker)" $(if $(DRAIN),--drain-window "$(DRAIN)",)
+
+rolling-restart: $(STAMP) ## [PAUSE=<s>] drain and restart the running local cluster one replica at a time
+	$(PY) tools/cluster.py rolling-restart $(if $(PAUSE),--pause "$(PAUSE)",)
 
 clean: ## remove the venv and caches (keeps certs/ and var/)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

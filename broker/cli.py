@@ -6,10 +6,12 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -46,35 +48,160 @@ def _raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from broker.service.server import BrokerServer
-
+def _serve_config(args: argparse.Namespace) -> Config:
     config = _config(args)
+    changes: dict[str, object] = {}
+    if args.replica:
+        changes["replica_name"] = args.replica
+    if args.internal:
+        changes["internal_address"] = args.internal
+    if args.so_reuseport:
+        changes["so_reuseport"] = True
+    if args.drain_window is not None:
+        changes["drain_window_seconds"] = args.drain_window
+    return config.with_overrides(**changes) if changes else config
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _serve_config(args)
     _raise_open_file_limit()
     if args.init_pki:
         _init(config)
+    if args.workers > 1:
+        return _serve_workers(args, config)
+    return _serve_one(config)
 
+
+def _serve_one(config: Config) -> int:
+    """One replica in this process. SIGTERM drains (health NOT_SERVING, cameras moved to other
+    replicas over the drain window, sessions ended "broker draining"), SIGINT stops at once."""
+    from broker.service.server import BrokerServer
     from broker.store.open import store_url
+
+    replica = config.replica_name
 
     async def run() -> None:
         server = BrokerServer(config)
         ports = await server.start()
+        internal = f", internal :{ports['internal']}" if "internal" in ports else ""
         print(
-            f"broker serving: bootstrap {config.bootstrap_address.rsplit(':', 1)[0]}:{ports['bootstrap']}, "
-            f"main :{ports['main']}, factory :{ports['factory']} (trust domain {config.trust_domain}; "
-            f"store {_redacted(store_url(config))})",
+            f"broker serving: bootstrap "
+            f"{config.bootstrap_address.rsplit(':', 1)[0]}:{ports['bootstrap']}, "
+            f"main :{ports['main']}, factory :{ports['factory']}{internal} (replica {replica}; "
+            f"trust domain {config.trust_domain}; store {_redacted(store_url(config))})",
             flush=True,
         )
-        stop = asyncio.Event()
+        received: asyncio.Queue[signal.Signals] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        print("broker stopping", flush=True)
-        await server.stop(2.0)
+            loop.add_signal_handler(sig, received.put_nowait, sig)
+        first = await received.get()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # later signals: already on the way out
+            loop.add_signal_handler(sig, lambda: None)
+        if first is signal.SIGTERM:
+            print(
+                f"broker draining (replica {replica}, window {config.drain_window_seconds:g} s)",
+                flush=True,
+            )
+            await server.drain()
+        else:
+            print(f"broker stopping (replica {replica})", flush=True)
+            await server.stop(2.0)
+        print(f"broker stopped (replica {replica})", flush=True)
 
     asyncio.run(run())
     return 0
+
+
+def _worker_names(args: argparse.Namespace) -> list[str]:
+    """<base>-1..N for an explicit --replica/BROKER_REPLICA base, else r1..rN."""
+    base = args.replica or os.environ.get("BROKER_REPLICA", "")
+    if base:
+        return [f"{base}-{i}" for i in range(1, args.workers + 1)]
+    return [f"r{i}" for i in range(1, args.workers + 1)]
+
+
+def _worker_command(args: argparse.Namespace, config: Config, name: str) -> list[str]:
+    internal_host = config.internal_address.rsplit(":", 1)[0] or "127.0.0.1"
+    command = [sys.executable, "-m", "broker.cli", "--home", str(config.home), "serve"]
+    command += ["--replica", name, "--internal", f"{internal_host}:0", "--so-reuseport"]
+    if args.drain_window is not None:
+        command += ["--drain-window", str(args.drain_window)]
+    return command
+
+
+def _exit_status(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _serve_workers(args: argparse.Namespace, config: Config) -> int:
+    """N replicas as child processes sharing the public ports (SO_REUSEPORT). SIGTERM/SIGINT are
+    forwarded to every child; a child that dies on its own is started again (unless it dies
+    within seconds of starting, which stops them all); the exit status is the worst child's."""
+    import subprocess
+    import time
+
+    from broker.store.open import store_url
+
+    if store_url(config).startswith("sqlite"):
+        print(
+            "error: --workers > 1 needs a PostgreSQL store (--store postgresql://...): replicas "
+            "share attachments, events and rate limits through it",
+            file=sys.stderr,
+        )
+        return 2
+    store = _open_store(config)  # migrate once, before the replicas race to
+    store.close()
+    names = _worker_names(args)
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    started: dict[str, float] = {}
+    stopping: list[signal.Signals] = []
+
+    def spawn(name: str) -> None:
+        # The store URL goes by environment, not argv: it may carry a password (I11).
+        env = {**os.environ, "BROKER_STORE": config.store_url} if config.store_url else None
+        children[name] = subprocess.Popen(
+            _worker_command(args, config, name), env=env, start_new_session=True
+        )
+        started[name] = time.monotonic()
+
+    def forward(signum: int, _frame: object) -> None:
+        stopping.append(signal.Signals(signum))
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    worst = 0
+    try:
+        for name in names:
+            spawn(name)
+        print(f"broker: {len(names)} replica(s) {', '.join(names)} (pid {os.getpid()})", flush=True)
+        while any(child.poll() is None for child in children.values()):
+            time.sleep(0.2)
+            if stopping:
+                continue
+            for name, child in list(children.items()):
+                code = child.poll()
+                if code is None:
+                    continue
+                status = _exit_status(code)
+                if time.monotonic() - started[name] < 10:
+                    print(f"broker: replica {name} exited ({status}) at start; stopping all")
+                    worst = max(worst, status or 1)
+                    forward(signal.SIGTERM, None)
+                    break
+                print(f"broker: replica {name} exited ({status}); starting it again", flush=True)
+                spawn(name)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for child in children.values():
+            if child.poll() is None:
+                child.terminate()
+    for child in children.values():
+        worst = max(worst, _exit_status(child.wait()))
+    return worst
 
 
 def _register_offline(config: Config, actor: str) -> None:
@@ -347,6 +474,38 @@ def cmd_db_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve_parser(sub: Any, store_help: str) -> None:
+    serve = sub.add_parser("serve", help="run the broker in the foreground")
+    serve.add_argument(
+        "--init-pki", action="store_true", help="create the dev PKI first if missing"
+    )
+    serve.add_argument("--store", help=store_help)
+    serve.add_argument(
+        "--replica",
+        help="this replica's name (default: $BROKER_REPLICA, else r1); with "
+        "--workers N the children are <name>-1..N (r1..rN when not given)",
+    )
+    serve.add_argument(
+        "--internal",
+        help="internal (replica-to-replica) listener address "
+        "(default: $BROKER_INTERNAL_ADDRESS, else 127.0.0.1:0)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="run N replicas as child processes sharing the public ports (SO_REUSEPORT); "
+        "needs a PostgreSQL store",
+    )
+    serve.add_argument(
+        "--drain-window",
+        type=float,
+        help="SIGTERM: seconds over which cameras are moved to other replicas (default 30)",
+    )
+    serve.add_argument("--so-reuseport", action="store_true", help=argparse.SUPPRESS)
+    serve.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="broker", description=__doc__)
     parser.add_argument(
@@ -358,12 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
         "store URL: sqlite:///<path under home> or postgresql://... "
         "(default: $BROKER_STORE, else sqlite:///var/broker.db)"
     )
-    serve = sub.add_parser("serve", help="run the broker in the foreground")
-    serve.add_argument(
-        "--init-pki", action="store_true", help="create the dev PKI first if missing"
-    )
-    serve.add_argument("--store", help=store_help)
-    serve.set_defaults(func=cmd_serve)
+    _add_serve_parser(sub, store_help)
 
     db = sub.add_parser("db", help="store of record").add_subparsers(
         dest="db_command", required=True

@@ -1,7 +1,8 @@
 """Regenerate broker/_proto from protos/ (used by `make proto` and the staleness test).
 
-protoc names generated imports after the proto package path (``broker.v1``), which would collide
-with our own ``broker`` package, so the imports are rewritten to ``broker._proto.broker.v1``.
+protoc names generated imports after the proto package path (``broker.v1``, ``broker.internal.v1``),
+which would collide with our own ``broker`` package, so the imports are rewritten to
+``broker._proto.broker.v1`` and ``broker._proto.broker.internal.v1``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
-IMPORT_RE = re.compile(r"^from broker\.v1 import", re.MULTILINE)
+IMPORT_RE = re.compile(r"^from broker\.((?:internal\.)?v1) import", re.MULTILINE)
 
 
 def generate(out_dir: Path) -> list[Path]:
@@ -33,9 +34,11 @@ def generate(out_dir: Path) -> list[Path]:
         raise SystemExit("protoc failed")
     files = sorted(p for p in out_dir.rglob("*.py*") if p.suffix in (".py", ".pyi"))
     for path in files:
-        text = IMPORT_RE.sub("from broker._proto.broker.v1 import", path.read_text())
+        text = IMPORT_RE.sub(r"from broker._proto.broker.\1 import", path.read_text())
         path.write_text(text)
-    for pkg in (out_dir / "broker", out_dir / "broker" / "v1"):
+    packages = (out_dir / "broker", out_dir / "broker" / "v1")
+    packages += (out_dir / "broker" / "internal", out_dir / "broker" / "internal" / "v1")
+    for pkg in packages:
         (pkg / "__init__.py").write_text("")
     return sorted(p for p in out_dir.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
 

@@ -18,6 +18,7 @@ from broker.audit.chain import AuditEvent
 from broker.audit.recorder import AuditRecorder
 from broker.audit.session_ends import end_sessions_audited
 from broker.clock import Clock, now_ms, now_s
+from broker.cluster.events import EFFECTS, effects_to_payload
 from broker.config import Config
 from broker.errors import (
     AlreadyExists,
@@ -233,7 +234,11 @@ class Accounts:
         now = now_s(self._clock)
         spiffe = Identity(Kind.APP, self._config.trust_domain, user_id, app_id).spiffe_id
 
-        def unit(tx: Transaction) -> list[str]:
+        live_reason = (
+            "app instance signed out" if actor.spiffe_id == spiffe else "app instance revoked"
+        )
+
+        def unit(tx: Transaction) -> AppRevoked:
             app = tx.get_app(app_id)
             if app is None or app.user_id != user_id:
                 raise Unauthenticated("no such app instance")
@@ -259,20 +264,17 @@ class Accounts:
                     },
                 ),
             )
-            return ended
-
-        ended = self._store.run(unit)
-        live_reason = (
-            "app instance signed out" if actor.spiffe_id == spiffe else "app instance revoked"
-        )
-        return AppRevoked(
-            user_id,
-            tuple(ended),
-            Effects(
+            effects = Effects(
                 end_sessions=(EndSessions(live_reason, tuple(ended), app_id=app_id),),
                 revocations_changed=True,
-            ),
-        )
+            )
+            # Every other replica ends this app's sessions too (same transaction as the change).
+            tx.append_event(
+                EFFECTS, effects_to_payload(effects), self._config.replica_name, now_ms(self._clock)
+            )
+            return AppRevoked(user_id, tuple(ended), effects)
+
+        return self._store.run(unit)
 
 
 def check_label(label: str) -> str:

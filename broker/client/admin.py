@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from broker._proto.broker.v1 import admin_pb2, admin_pb2_grpc
+from broker.client.channels import sync_mtls_channel
 from broker.pki.ca import PkiFiles
 
 
@@ -31,8 +30,8 @@ class AdminClient:
     """Blocking client for AdminService (used by the CLI and make targets)."""
 
     def __init__(self, target: str, creds: OperatorCredentials, timeout: float = 10.0) -> None:
-        credentials = grpc.ssl_channel_credentials(creds.ca_pem, creds.key_pem, creds.chain_pem)
-        self._channel = grpc.secure_channel(target, credentials)
+        """target: the main listener; several replicas may be given comma-separated."""
+        self._channel = sync_mtls_channel(target, creds.ca_pem, creds.key_pem, creds.chain_pem)
         self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
         self._timeout = timeout
 

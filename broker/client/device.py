@@ -29,7 +29,7 @@ from broker._proto.broker.v1 import (
     device_pb2_grpc,
 )
 from broker.client.bundle import load_bundle
-from broker.client.channels import mtls_channel, tls_channel
+from broker.client.channels import AddressSpec, mtls_channel, split_addresses, tls_channel
 from broker.client.identity_dir import IdentityDir
 from broker.clock import Clock, SystemClock
 from broker.errors import PermissionDenied
@@ -127,14 +127,37 @@ def jittered_renewal(renew_after: int, not_after: int, chain_pem: bytes) -> int:
     return renew_after + (int.from_bytes(digest[:4], "big") % (window + 1))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Endpoints:
-    """Where the broker listens, and the name its certificate carries."""
+    """Where the broker listens, and the name its certificate carries.
+
+    Each listener may name several replicas: a comma-separated string or a list of addresses
+    (``Endpoints(bootstrap, main=["10.0.0.1:8443", "10.0.0.2:8443"])``), or one DNS name with
+    several addresses. They are kept as one comma-separated string; ``channels`` turns it into
+    one gRPC target so that a new connection goes to a live replica.
+    """
 
     bootstrap: str
     main: str
-    factory: str = ""
-    server_name: str | None = None
+    factory: str
+    server_name: str | None
+
+    def __init__(
+        self,
+        bootstrap: AddressSpec,
+        main: AddressSpec,
+        factory: AddressSpec = "",
+        server_name: str | None = None,
+    ) -> None:
+        object.__setattr__(self, "bootstrap", ",".join(split_addresses(bootstrap)))
+        object.__setattr__(self, "main", ",".join(split_addresses(main)))
+        object.__setattr__(self, "factory", ",".join(split_addresses(factory)))
+        object.__setattr__(self, "server_name", server_name)
+
+    @property
+    def main_addresses(self) -> tuple[str, ...]:
+        """Every address of the main listener, in the order given."""
+        return split_addresses(self.main)
 
 
 def make_csr(key: ec.EllipticCurvePrivateKey) -> str:

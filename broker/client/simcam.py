@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass, field
 
 import grpc
 
 from broker.client.device import AttachSession, DeviceClient, OutgoingStream
+from broker.client.reconnect import AttachEnd, Backoff, Reconnector, Sleep, Stopped
 from broker.clock import Clock
 from broker.errors import PermissionDenied
 
@@ -58,11 +60,15 @@ class SimulatedCamera:
         self.stats = CameraStats()
         self.attached = asyncio.Event()
         self.ended: grpc.aio.AioRpcError | None = None
+        self.attached_at: float | None = None  # time.monotonic() of the last "accepted"
+        self.reconnector = Reconnector()
         self._streams: dict[str, asyncio.Task[None]] = {}
 
     async def run(self) -> None:
         """Attach and serve until the stream ends (error kept in ``ended``) or the task is cancelled."""
         self.attached.clear()
+        self.ended = None
+        self.attached_at = None
         try:
             async with self.client.attach(self.heartbeat_interval) as session:
                 await self._serve(session)
@@ -74,6 +80,39 @@ class SimulatedCamera:
                 task.cancel()
             self._streams.clear()
 
+    async def run_forever(
+        self,
+        stop: asyncio.Event,
+        *,
+        backoff: Backoff | None = None,
+        sleep: Sleep | None = None,
+        stable_after: float | None = None,
+    ) -> Stopped:
+        """Stay attached until stop is set: after any end of the Attach stream (a replica that
+        crashed or drains, a network failure) wait with exponential backoff and full jitter
+        (uniform(0, min(30 s, 0.5 s * 2**n)), reset after an attach that lasted ``stable_after``;
+        at least the broker's RetryInfo pushback) and attach again, to whichever replica of the
+        endpoints takes the connection.
+
+        Returns why it stopped: "stopped" (the event), "replaced" (another instance of this
+        camera attached: the broker ended ours as replaced, so do not fight it), "refused"
+        (PERMISSION_DENIED / UNAUTHENTICATED: revoked, expired) or "reenroll" (a TLS handshake
+        only a new enrollment can fix). Counters: ``reconnector.stats``.
+        """
+        reconnector = Reconnector(
+            backoff or self.reconnector.backoff,
+            sleep=sleep,
+            stable_after=self.reconnector.stable_after if stable_after is None else stable_after,
+        )
+        reconnector.stats = self.reconnector.stats  # one set of counters per camera
+        self.reconnector = reconnector
+        return await reconnector.run(self._attach_once, stop)
+
+    async def _attach_once(self) -> AttachEnd:
+        await self.run()
+        attached_for = None if self.attached_at is None else time.monotonic() - self.attached_at
+        return AttachEnd(self.ended, attached_for)
+
     async def _serve(self, session: AttachSession) -> None:
         while True:
             message = await session.receive()
@@ -82,6 +121,7 @@ class SimulatedCamera:
             kind = message.WhichOneof("kind")
             if kind == "accepted":
                 self.stats.attached += 1
+                self.attached_at = time.monotonic()
                 self.attached.set()
             elif kind == "trust_bundle_update":
                 session.adopt_bundle(message.trust_bundle_update)

@@ -17,6 +17,7 @@ from broker.audit.chain import AuditEvent
 from broker.audit.recorder import AuditRecorder
 from broker.audit.session_ends import end_sessions_audited
 from broker.clock import Clock, now_ms, now_s, unix
+from broker.cluster.events import EFFECTS, effects_to_payload
 from broker.config import Config
 from broker.devices.onetime import (
     ENROLLMENT_TOKEN_PREFIX,
@@ -283,7 +284,7 @@ class DeviceAuthority:
         identity = device(self._config.trust_domain, device_id)
         now = now_s(self._clock)
 
-        def unit(tx: Transaction) -> tuple[list[str], list[str]]:
+        def unit(tx: Transaction) -> DeviceRevoked:
             record = tx.get_device(device_id)
             if record is not None and record.state is DeviceState.REVOKED:
                 raise FailedPrecondition(f"device {device_id} is already revoked")
@@ -318,19 +319,20 @@ class DeviceAuthority:
                     },
                 ),
             )
-            return serials, ended
-
-        serials, ended = self._store.run(unit)
-        return DeviceRevoked(
-            tuple(serials),
-            Effects(
+            effects = Effects(
                 end_sessions=(EndSessions("device revoked", tuple(ended), device_id=device_id),),
                 end_attach=(
                     EndAttach(device_id, Unauthenticated("device certificate has been revoked")),
                 ),
                 revocations_changed=True,
-            ),
-        )
+            )
+            # Every other replica ends the device's streams too (same transaction as the change).
+            tx.append_event(
+                EFFECTS, effects_to_payload(effects), self._config.replica_name, now_ms(self._clock)
+            )
+            return DeviceRevoked(tuple(serials), effects)
+
+        return self._store.run(unit)
 
     # -- queries ---------------------------------------------------------------------------------
     def list_devices(self) -> list[DeviceStatus]:

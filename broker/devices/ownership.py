@@ -12,6 +12,7 @@ from broker.audit.chain import AuditEvent
 from broker.audit.recorder import AuditRecorder
 from broker.audit.session_ends import end_sessions_audited
 from broker.clock import Clock, now_ms, now_s
+from broker.cluster.events import EFFECTS, effects_to_payload
 from broker.config import Config
 from broker.devices.onetime import claim_code_hash, new_claim_code
 from broker.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
@@ -112,7 +113,7 @@ class Ownership:
         code = new_claim_code()
         now = now_s(self._clock)
 
-        def unit(tx: Transaction) -> list[str]:
+        def unit(tx: Transaction) -> OwnershipReset:
             record = tx.get_device(device.name)
             if record is None or record.state is not DeviceState.ACTIVE:
                 raise FailedPrecondition("device is not active")
@@ -134,16 +135,16 @@ class Ownership:
                     },
                 ),
             )
-            return ended
-
-        ended = self._store.run(unit)
-        return OwnershipReset(
-            code,
-            tuple(ended),
-            Effects(
+            effects = Effects(
                 end_sessions=(EndSessions("ownership reset", tuple(ended), device_id=device.name),)
-            ),
-        )
+            )
+            # Every other replica ends the device's sessions too (same transaction as the change).
+            tx.append_event(
+                EFFECTS, effects_to_payload(effects), self._config.replica_name, now_ms(self._clock)
+            )
+            return OwnershipReset(code, tuple(ended), effects)
+
+        return self._store.run(unit)
 
     # -- shares ----------------------------------------------------------------------------------
     def _require_owner(self, tx: Transaction, caller: Identity, device_id: str) -> None:
@@ -194,7 +195,7 @@ class Ownership:
         validate_device_id(device_id)
         name = normalize_username(username)
 
-        def unit(tx: Transaction) -> tuple[str, list[str]]:
+        def unit(tx: Transaction) -> ShareRevoked:
             self._require_owner(tx, caller, device_id)
             user = tx.get_user_by_username(name)
             grant = tx.get_grant(device_id, user.user_id) if user else None
@@ -221,19 +222,20 @@ class Ownership:
                     {"user_id": user.user_id, "sessions_ended": ended},
                 ),
             )
-            return user.user_id, ended
-
-        user_id, ended = self._store.run(unit)
-        return ShareRevoked(
-            tuple(ended),
-            Effects(
+            effects = Effects(
                 end_sessions=(
                     EndSessions(
-                        "share revoked", tuple(ended), device_id=device_id, user_id=user_id
+                        "share revoked", tuple(ended), device_id=device_id, user_id=user.user_id
                     ),
                 )
-            ),
-        )
+            )
+            # Every other replica ends that viewer's sessions too (same transaction as the change).
+            tx.append_event(
+                EFFECTS, effects_to_payload(effects), self._config.replica_name, now_ms(self._clock)
+            )
+            return ShareRevoked(tuple(ended), effects)
+
+        return self._store.run(unit)
 
     # -- queries ---------------------------------------------------------------------------------
     def devices_of(self, caller: Identity) -> list[DeviceAccess]:

@@ -1,4 +1,4 @@
-"""Identities: SPIFFE IDs of devices, app instances, operators and the broker.
+"""Identities: SPIFFE IDs of devices, app instances, operators, the broker and its replicas.
 
 Pure functions over parsed certificates; the only place that turns a certificate into an identity (I1).
 Anything but exactly one well-formed URI SAN in our trust domain is refused.
@@ -15,6 +15,7 @@ from broker.errors import InvalidArgument, Unauthenticated
 from broker.protocol.spiffe_id import (
     ID_PATTERN,
     OPERATOR_PATTERN,
+    REPLICA_PATTERN,
     TRUST_DOMAIN_PATTERN,
     MalformedSpiffeId,
     SpiffeId,
@@ -29,6 +30,8 @@ class Kind(enum.Enum):
     APP = "app"
     OPERATOR = "operator"
     BROKER = "broker"
+    # One replica of a fleet, calling or serving the internal listener (never a public RPC).
+    REPLICA = "replica"
     # A camera proving itself with a factory birth certificate (factory listener only).
     BIRTH = "birth"
     # No client certificate (bootstrap listener only).
@@ -40,7 +43,8 @@ class Kind(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class Identity:
     """A verified party. ``name`` is its primary id; prefer the accessors that say which one
-    (``device_id``, ``user_id``, ``operator_name``), which refuse the wrong kind."""
+    (``device_id``, ``user_id``, ``operator_name``, ``replica_name``), which refuse the wrong
+    kind."""
 
     kind: Kind
     trust_domain: str
@@ -60,6 +64,8 @@ class Identity:
                 return SpiffeId.operator(td, self.name)
             case Kind.BROKER:
                 return SpiffeId.broker(td)
+            case Kind.REPLICA:
+                return SpiffeId.replica(td, self.name)
         return None
 
     @property
@@ -79,6 +85,10 @@ class Identity:
     @property
     def operator_name(self) -> str:
         return self._named(Kind.OPERATOR)
+
+    @property
+    def replica_name(self) -> str:
+        return self._named(Kind.REPLICA)
 
     def _named(self, *kinds: Kind) -> str:
         if self.kind not in kinds:
@@ -105,6 +115,13 @@ def validate_operator_name(name: str) -> str:
     return name
 
 
+def validate_replica_name(name: str) -> str:
+    """Return name if it is a valid replica name, else raise InvalidArgument."""
+    if not REPLICA_PATTERN.fullmatch(name):
+        raise InvalidArgument("replica name must be 1-63 characters of a-z, 0-9, '.', '_' and '-'")
+    return name
+
+
 def validate_trust_domain(trust_domain: str) -> str:
     """Return the trust domain if it is a lowercase DNS-style name, else raise InvalidArgument."""
     if not TRUST_DOMAIN_PATTERN.fullmatch(trust_domain) or ".." in trust_domain:
@@ -127,6 +144,11 @@ def broker(trust_domain: str) -> Identity:
     return Identity(Kind.BROKER, trust_domain, "broker")
 
 
+def replica(trust_domain: str, name: str) -> Identity:
+    """The identity of one broker replica, after validating its name."""
+    return Identity(Kind.REPLICA, trust_domain, validate_replica_name(name))
+
+
 def parse_spiffe_id(uri: str, trust_domain: str) -> Identity:
     """Parse a SPIFFE ID of our trust domain into an Identity; raise Unauthenticated otherwise."""
     if not uri.startswith(f"spiffe://{trust_domain}/"):
@@ -142,6 +164,8 @@ def parse_spiffe_id(uri: str, trust_domain: str) -> Identity:
             return Identity(Kind.APP, trust_domain, spiffe.user_id, spiffe.app_id)
         case "operator":
             return Identity(Kind.OPERATOR, trust_domain, spiffe.operator_name)
+        case "replica":
+            return Identity(Kind.REPLICA, trust_domain, spiffe.replica_name)
     return Identity(Kind.BROKER, trust_domain, "broker")
 
 

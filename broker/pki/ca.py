@@ -40,6 +40,16 @@ class Profile(enum.Enum):
 
     CLIENT = "client"
     SERVER = "server"
+    # A broker replica both serves and calls the internal listener: serverAuth and clientAuth.
+    PEER = "peer"
+
+
+PROFILE_EKUS = {
+    Profile.CLIENT: [ExtendedKeyUsageOID.CLIENT_AUTH],
+    Profile.SERVER: [ExtendedKeyUsageOID.SERVER_AUTH],
+    Profile.PEER: [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+}
+PROFILE_OF_KIND = {Kind.BROKER: Profile.SERVER, Kind.REPLICA: Profile.PEER}
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,7 +358,7 @@ class IssuingAuthority:
         """Sign a leaf for subject's SPIFFE ID. Only the public key comes from the requester (I2)."""
         if subject.trust_domain != self._trust_domain:
             raise ConfigurationError("refusing to issue outside the configured trust domain")
-        profile = Profile.SERVER if subject.kind is Kind.BROKER else Profile.CLIENT
+        profile = PROFILE_OF_KIND.get(subject.kind, Profile.CLIENT)
         now = self._clock.now()
         not_before, not_after = _validity(now, lifetime)
         not_after = min(not_after, self._cert.not_valid_after_utc)
@@ -356,11 +366,6 @@ class IssuingAuthority:
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(subject.spiffe_id)]
         names += [x509.DNSName(n) for n in dns_names]
         names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
-        eku = (
-            ExtendedKeyUsageOID.SERVER_AUTH
-            if profile is Profile.SERVER
-            else ExtendedKeyUsageOID.CLIENT_AUTH
-        )
         common_name = dns_names[0] if dns_names else subject.name
         cert = (
             x509.CertificateBuilder()
@@ -372,7 +377,7 @@ class IssuingAuthority:
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_leaf_key_usage(), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(PROFILE_EKUS[profile]), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(self._aki, critical=False)
             .add_extension(x509.SubjectAlternativeName(names), critical=False)

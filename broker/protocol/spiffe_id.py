@@ -1,7 +1,8 @@
 """SPIFFE IDs as a typed value: the one module that parses and formats them (shared with the SDKs).
 
 The broker names every party by one URI SAN of the form ``spiffe://<trust-domain>/<path>``:
-``device/<device_id>``, ``user/<user_id>/app/<app_id>``, ``operator/<name>``, ``broker``.
+``device/<device_id>``, ``user/<user_id>/app/<app_id>``, ``operator/<name>``, ``broker``, and
+``broker/replica/<name>`` for one replica of a fleet (its internal listener and forwarded calls).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ SCHEME = "spiffe://"
 # (no dots, no slashes, no percent-escapes) so two spellings can never name the same party.
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{2,63}$")
 OPERATOR_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+# Replica names use the operator alphabet (they also end up in file names: certs/replicas/<name>).
+REPLICA_PATTERN = OPERATOR_PATTERN
 TRUST_DOMAIN_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,253}[a-z0-9])?$")
 
 
@@ -64,9 +67,13 @@ class SpiffeId:
     def broker(cls, trust_domain: str) -> SpiffeId:
         return cls(trust_domain, ("broker",))
 
+    @classmethod
+    def replica(cls, trust_domain: str, name: str) -> SpiffeId:
+        return cls(trust_domain, ("broker", "replica", name))
+
     @property
     def kind(self) -> str:
-        """'device', 'app', 'operator', 'broker', or '' for a path of no known shape."""
+        """'device', 'app', 'operator', 'broker', 'replica', or '' for a path of no known shape."""
         match self.path:
             case ("device", device_id) if ID_PATTERN.fullmatch(device_id):
                 return "device"
@@ -78,6 +85,8 @@ class SpiffeId:
                 return "operator"
             case ("broker",):
                 return "broker"
+            case ("broker", "replica", name) if REPLICA_PATTERN.fullmatch(name):
+                return "replica"
         return ""
 
     @property
@@ -107,6 +116,13 @@ class SpiffeId:
         if self.kind != "operator":
             raise MalformedSpiffeId("not an operator SPIFFE ID")
         return self.path[1]
+
+    @property
+    def replica_name(self) -> str:
+        """The name of a broker-replica SPIFFE ID."""
+        if self.kind != "replica":
+            raise MalformedSpiffeId("not a broker-replica SPIFFE ID")
+        return self.path[2]
 
 
 def single_uri_san(cert: x509.Certificate) -> str:

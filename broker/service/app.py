@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 
+from broker._proto.broker.internal.v1 import replica_pb2
 from broker._proto.broker.v1 import app_pb2, app_pb2_grpc
-from broker.clock import unix
+from broker.clock import now_s, unix
 from broker.errors import Unavailable
 from broker.identity.spiffe import device
 from broker.protocol.spiffe_id import SpiffeId
 from broker.protocol.tokens import cert_thumbprint
 from broker.service.convert import trust_bundle_pb
 from broker.service.effects import EffectsApplier
+from broker.service.forward import ForwardClient, holder_took_session
 from broker.service.interceptor import current_caller
 from broker.service.runtime import Runtime
-from broker.sessions.relay import LiveSession, Rejected
-from broker.store import Role
+from broker.service.watching import HANDSHAKE_TIMEOUT, OFFLINE, watch_locally
+from broker.store import AttachmentRecord, ReplicaRecord, Role, SessionOutcome
 
-HANDSHAKE_TIMEOUT = 10.0
+log = logging.getLogger("broker.app")
+__all__ = ["HANDSHAKE_TIMEOUT", "ROLE_PB", "AppService", "caller_thumbprint"]
 ROLE_PB = {Role.OWNER: app_pb2.ROLE_OWNER, Role.VIEWER: app_pb2.ROLE_VIEWER}
 
 
@@ -34,6 +38,7 @@ class AppService(app_pb2_grpc.AppServiceServicer):
     def __init__(self, runtime: Runtime, effects: EffectsApplier) -> None:
         self._rt = runtime
         self._effects = effects
+        self._forwarder = ForwardClient(runtime.config)
 
     async def RenewCertificate(
         self, request: app_pb2.RenewAppCertificateRequest, context: grpc.aio.ServicerContext
@@ -104,6 +109,7 @@ class AppService(app_pb2_grpc.AppServiceServicer):
     async def OpenSession(
         self, request: app_pb2.OpenSessionRequest, context: grpc.aio.ServicerContext
     ) -> app_pb2.OpenSessionResponse:
+        self._rt.require_fresh_feed()
         opened = await self._rt.run(
             self._rt.sessions.open,
             current_caller().identity,
@@ -126,74 +132,122 @@ class AppService(app_pb2_grpc.AppServiceServicer):
         return app_pb2.SignOutResponse(sessions_ended=len(revoked.sessions_ended))
 
     async def Watch(self, request: app_pb2.WatchRequest, context: grpc.aio.ServicerContext) -> None:
+        rt = self._rt
+        rt.require_fresh_feed()
         caller = current_caller()
-        claims = await self._rt.run(
-            self._rt.sessions.verify_for_watch,
+        thumbprint = caller_thumbprint()
+        claims = await rt.run(
+            rt.sessions.verify_for_watch,
             caller.identity,
-            caller_thumbprint(),
+            thumbprint,
             request.session_id,
             request.token,
             request.app_ephemeral_public_key,
         )
         device_id = SpiffeId.parse(claims.audience).device_id  # aud was checked exactly
-        live = self._rt.relay.open(
-            claims.session_id, device_id, claims.user_id, claims.app_id, claims.expires_at
+        attachment, holder = await rt.run(self._attachment_of, device_id)
+        live_elsewhere = (
+            attachment is not None
+            and attachment.replica != rt.replica
+            and attachment.live_at(now_s(rt.clock))
         )
-        try:
-            await self._stream(context, live, request)
-        finally:
-            self._rt.relay.detach(live)
-            # Shielded: the app hangs up as soon as it reads the end event, which cancels this
-            # handler; the close (bytes, reason, audit entry) must be recorded all the same.
-            await asyncio.shield(
-                self._rt.run(
-                    self._rt.sessions.record_close,
-                    live.session_id,
-                    live.end_reason or "watcher left",
-                    live.bytes_relayed,
-                    live.frames_relayed,
-                    live.dropped,
-                )
+        handle = rt.presence.handle(device_id)
+        if handle is not None and (
+            attachment is None
+            or handle.epoch == attachment.epoch
+            # attached here a moment ago, its epoch not recorded yet, and held nowhere else
+            or (handle.epoch == 0 and not live_elsewhere)
+        ):
+            await watch_locally(
+                rt,
+                claims.session_id,
+                device_id,
+                claims.user_id,
+                claims.app_id,
+                claims.expires_at,
+                request.token,
+                request.app_ephemeral_public_key,
+                context.write,
             )
-
-    async def _stream(
-        self, context: grpc.aio.ServicerContext, live: LiveSession, request: app_pb2.WatchRequest
-    ) -> None:
-        if not self._rt.relay.start(live, request.token, request.app_ephemeral_public_key):
-            raise Unavailable("the camera is offline; try again when it is attached")
-        try:
-            outcome = await asyncio.wait_for(asyncio.shield(live.handshake), HANDSHAKE_TIMEOUT)
-        except TimeoutError:
-            raise Unavailable("the camera did not answer the stream request in time") from None
-        if isinstance(outcome, Rejected):
-            await context.write(app_pb2.StreamEvent(end=app_pb2.StreamEnd(reason=outcome.reason)))
             return
-        await context.write(
-            app_pb2.StreamEvent(
-                hello=app_pb2.StreamHello(
-                    session_id=live.session_id,
-                    device_id=live.device_id,
-                    device_certificate_chain_pem=outcome.device_chain_pem,
-                    device_ephemeral_public_key=outcome.device_ephemeral,
-                    signature=outcome.signature,
-                )
+        if (
+            live_elsewhere
+            and attachment is not None
+            and holder is not None
+            and holder.internal_address
+        ):
+            forwarded = replica_pb2.ForwardWatchRequest(
+                session_id=request.session_id,
+                token=request.token,
+                app_ephemeral_public_key=request.app_ephemeral_public_key,
+                app_spiffe_id=caller.identity.spiffe_id,
+                cnf_thumbprint=thumbprint,
+                attach_epoch=attachment.epoch,
             )
+            await self._forward_watch(context, holder.internal_address, forwarded)
+            return
+        # Offline: closed as a local Watch of an unattached camera is (the app opens a new one).
+        await asyncio.shield(
+            rt.run(rt.sessions.record_close, claims.session_id, "watcher left", 0, 0, 0)
         )
-        while True:
-            await live.wake.wait()
-            for sequence, ciphertext in live.take():
-                await context.write(
-                    app_pb2.StreamEvent(
-                        frame=app_pb2.StreamFrame(
-                            sequence=sequence, ciphertext=ciphertext, dropped=live.dropped
-                        )
+        raise Unavailable(OFFLINE)
+
+    def _attachment_of(
+        self, device_id: str
+    ) -> tuple[AttachmentRecord | None, ReplicaRecord | None]:
+        """The device's attachment and, when another replica holds it, that replica (core thread)."""
+        with self._rt.store.read() as tx:
+            attachment = tx.get_attachment(device_id)
+            if attachment is None or attachment.replica in ("", self._rt.replica):
+                return attachment, None
+            return attachment, tx.get_replica(attachment.replica)
+
+    async def _forward_watch(
+        self,
+        context: grpc.aio.ServicerContext,
+        address: str,
+        request: replica_pb2.ForwardWatchRequest,
+    ) -> None:
+        """Relay the holder's StreamEvents to the app unchanged; its status, if it ends with one,
+        becomes this call's status. The holder records the close once it took the session."""
+        call = self._forwarder.forward_watch(address, request)
+        taken = False
+        try:
+            async for event in call:
+                taken = True
+                await context.write(event)
+        except grpc.aio.AioRpcError as error:
+            taken = taken or holder_took_session(error.initial_metadata())
+            log.info(
+                "forwarded watch ended session=%s holder=%s code=%s taken=%s",
+                request.session_id,
+                address,
+                error.code().name,
+                taken,
+            )
+            if taken:
+                # The holder went away mid-stream without its own close (e.g. it was killed).
+                await asyncio.shield(
+                    self._rt.run(
+                        self._close_if_open,
+                        request.session_id,
+                        f"the camera's replica ended the stream: {error.details() or ''}"[:200],
                     )
                 )
-            if live.ended:
-                await context.write(
-                    app_pb2.StreamEvent(end=app_pb2.StreamEnd(reason=live.end_reason or ""))
-                )
-                return
+            details = tuple(
+                (key, value)
+                for key, value in error.trailing_metadata() or ()
+                if key == "grpc-status-details-bin"
+            )
+            await context.abort(error.code(), error.details() or "", details)
+        finally:
+            call.cancel()  # the app left: the holder's handler ends and records the close
+
+    def _close_if_open(self, session_id: str, reason: str) -> None:
+        with self._rt.store.read() as tx:
+            record = tx.get_session(session_id)
+        if record is not None and record.outcome is SessionOutcome.OPENED:
+            self._rt.sessions.record_close(session_id, reason, 0, 0, 0)
 
     async def ListAccess(
         self, request: app_pb2.ListAccessRequest, context: grpc.aio.ServicerContext

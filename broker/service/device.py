@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Coroutine
+from typing import Any
 
 import grpc
 
 from broker._proto.broker.v1 import device_pb2, device_pb2_grpc
 from broker.clock import unix
-from broker.errors import BrokerError, InvalidArgument
+from broker.errors import BrokerError, InvalidArgument, Unauthenticated
 from broker.pki.ca import authority_key_id, renewal_due_at
 from broker.service.convert import trust_bundle_pb
 from broker.service.effects import EffectsApplier
 from broker.service.interceptor import abort_with, current_caller
 from broker.service.runtime import Runtime
+from broker.sessions.attachments import REPLACED
 from broker.sessions.presence import CLOSED, AttachHandle
 from broker.sessions.relay import Accepted, StartStreamCommand, StopStreamCommand
 
@@ -84,9 +87,11 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         reader = asyncio.create_task(self._read_loop(context, handle))
         try:
             await self._greet(context, hello, device_id)
-            await self._rt.run(
-                self._rt.devices.record_presence, device_id, hello.trust_bundle_version
+            attached = await self._rt.run(
+                self._rt.attachments.attach, device_id, hello.trust_bundle_version
             )
+            handle.epoch = attached.epoch
+            self._effects.apply(attached.effects)  # an older stream of this device ends
             await self._pump(context, handle)
         finally:
             reader.cancel()
@@ -95,6 +100,12 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
             self._rt.presence.detach(handle)
             if self._rt.presence.handle(device_id) is None:
                 self._rt.relay.on_device_gone(device_id)
+            if handle.epoch:
+                # Shielded: the handler may be cancelled as the stream ends; the device must
+                # show offline at once all the same (unless it re-attached meanwhile).
+                await asyncio.shield(
+                    self._rt.run(self._rt.attachments.release, device_id, handle.epoch)
+                )
 
     def _chain_pem(self, cert: object) -> str:
         from cryptography import x509
@@ -174,12 +185,18 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         finally:
             handle.send(CLOSED)
 
-    def _remember_bundle(self, device_id: str, version: str) -> None:
-        task = asyncio.get_running_loop().create_task(
-            self._rt.run(self._rt.devices.record_presence, device_id, version)
-        )
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+
+    def _remember_bundle(self, device_id: str, version: str) -> None:
+        self._background(self._rt.run(self._rt.devices.record_presence, device_id, version))
+
+    async def _renew_lease(self, handle: AttachHandle) -> None:
+        """A heartbeat renews the attachment's lease; a fenced-off epoch ends the stream."""
+        if not await self._rt.run(self._rt.attachments.renew, handle.device_id, handle.epoch):
+            handle.end(Unauthenticated(REPLACED))
 
     def _on_message(self, handle: AttachHandle, message: device_pb2.DeviceMessage) -> None:
         """Route one message from the camera. Identity is the stream's certificate, never a field (I6)."""
@@ -196,6 +213,8 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                     heartbeat_ack=device_pb2.HeartbeatAck(sequence=beat.sequence)
                 )
             )
+            if handle.epoch:
+                self._background(self._renew_lease(handle))
             if beat.trust_bundle_version and beat.trust_bundle_version != handle.bundle_version:
                 # The camera acknowledges a pushed bundle: remember it for rotation status.
                 handle.bundle_version = beat.trust_bundle_version

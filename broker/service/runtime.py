@@ -11,11 +11,13 @@ from typing import ParamSpec, TypeVar
 
 from broker.accounts.users import Accounts
 from broker.clock import Clock
+from broker.cluster.feed import EventFeed
 from broker.config import Config
 from broker.devices.enrollment import DeviceAuthority
 from broker.devices.ownership import Ownership
 from broker.pki.reload import PkiReloader
 from broker.pki.trust import TrustBundle
+from broker.sessions.attachments import Attachments
 from broker.sessions.presence import Presence
 from broker.sessions.relay import Relay
 from broker.sessions.sessions import Sessions
@@ -42,7 +44,9 @@ class Runtime:
     relay: Relay
     pki: PkiReloader
     store: Store
+    attachments: Attachments
     replica: str = "r1"  # this process's replica name (config.replica_name)
+    feed: EventFeed | None = None  # other replicas' events; stale -> refuse new sessions (I10)
     # Store-touching and signing calls run here; the broker passes a GroupCommitExecutor.
     executor: Executor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="broker-core")
@@ -64,6 +68,13 @@ class Runtime:
             pem = self.crl_source()
             self._crl_cache = (time.monotonic(), pem)
         return pem
+
+    def require_fresh_feed(self) -> None:
+        """Fail closed (I10): refuse new sessions while other replicas' events may be missed."""
+        if self.feed is not None:
+            from broker.service.cluster import require_fresh_feed
+
+            require_fresh_feed(self.feed, self.config)
 
     def invalidate_crl(self) -> None:
         self._crl_cache = (0.0, "")

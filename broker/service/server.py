@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +36,11 @@ from broker._proto.broker.v1 import (
 from broker.accounts.passwords import PasswordHasher
 from broker.accounts.users import Accounts
 from broker.clock import Clock, SystemClock
+from broker.cluster.feed import EventFeed
 from broker.config import Config
 from broker.devices.enrollment import DeviceAuthority
 from broker.devices.ownership import Ownership
-from broker.errors import ConfigurationError
+from broker.errors import ConfigurationError, Unavailable
 from broker.identity.spiffe import Kind
 from broker.pemfile import read_certificates
 from broker.pki.ca import PkiFiles, load_authority
@@ -49,6 +51,7 @@ from broker.protocol.tokens import load_keyring
 from broker.service.admin import AdminService
 from broker.service.app import AppService
 from broker.service.bootstrap import BootstrapService
+from broker.service.cluster import EventHandler
 from broker.service.device import DeviceService
 from broker.service.effects import EffectsApplier
 from broker.service.interceptor import (
@@ -56,10 +59,16 @@ from broker.service.interceptor import (
     anonymous_authenticator,
     certificate_authenticator,
 )
+from broker.service.internal import (
+    advertise_replica,
+    build_internal_server,
+    prepare_replica_certificate,
+)
 from broker.service.peer import Caller, PeerParser
 from broker.service.reflection import V1_SERVICE, V1ALPHA_SERVICE, Reflection
 from broker.service.runtime import Runtime
 from broker.service.tls import ReloadingCredentials
+from broker.sessions.attachments import Attachments
 from broker.sessions.presence import Presence
 from broker.sessions.relay import RESTART_REASON, Relay, alarm_event
 from broker.sessions.sessions import Sessions
@@ -67,6 +76,8 @@ from broker.store import Store
 from broker.store.open import open_store
 
 log = logging.getLogger("broker.server")
+DRAIN_REASON = "broker draining"
+DRAIN_MESSAGE = "broker draining: reconnect (another replica will take this stream)"
 
 
 @dataclass(frozen=True)
@@ -132,12 +143,16 @@ class BrokerServer:
             Ownership(config, self.store, self.clock),
             sessions,
             Relay(presence, self.clock, self._alarm),
-            PkiReloader(config, authority, sessions.reload_keyring),
+            PkiReloader(config, authority, sessions.reload_keyring, self.store, self.clock),
             self.store,
+            Attachments(config, self.store, self.clock),
             replica=config.replica_name,
             executor=self.store.core_executor(),
         )
         self.effects = EffectsApplier(self.runtime)
+        self.events = EventHandler(self.runtime, self.effects)
+        self.feed = EventFeed(self.store, config.replica_name, self.events)
+        self.runtime.feed = self.feed
         self._background: list[asyncio.Task[None]] = []
         self.runtime.crl_source = self._crl_pem
         self._tls: list[ReloadingCredentials] = []
@@ -146,6 +161,7 @@ class BrokerServer:
         self._servers: list[grpc.aio.Server] = []
         self.ports: dict[str, int] = {}
         self.devices.register_offline_certificates(self.files, "broker")
+        prepare_replica_certificate(config, authority, self.clock, self.devices)
 
     def _alarm(self, device_id: str, session_id: str, reason: str) -> None:
         """A relay rule fired (e.g. a frame from the wrong camera): log and audit it (I6, I12)."""
@@ -167,7 +183,7 @@ class BrokerServer:
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if self.config.so_reuseport else 0),
         ]
 
     async def _check_certificate(self, caller: Caller) -> None:
@@ -295,7 +311,10 @@ class BrokerServer:
             certificate_authenticator(main_parser.parse, self._check_certificate),
         )
         self._health = health_servicer
-        return [bootstrap_server, factory_server, main_server]
+        internal_server, self.ports["internal"] = build_internal_server(
+            rt, self.effects, self.config
+        )
+        return [bootstrap_server, factory_server, main_server, internal_server]
 
     def _crl_pem(self) -> str:
         from broker.pki.crl import build_crls, crls_pem
@@ -304,21 +323,62 @@ class BrokerServer:
 
     async def start(self) -> dict[str, int]:
         """Bind and start all listeners; returns the bound ports by listener name."""
+        released = await self.runtime.run(self.runtime.attachments.release_all_of_this_replica)
+        if released:
+            log.info("released %d attachment(s) left by the previous run", len(released))
         ended = self.runtime.sessions.end_all_after_restart()
         if ended:
             log.info("ended %d session(s) left open by the previous run", len(ended))
+        self.feed.start()  # events other replicas append from now on reach this one
         self._servers = self._build()
         for server in self._servers:
             await server.start()
+        await self.runtime.run(advertise_replica, self.runtime, self.ports["internal"])
         for service in ["", *sorted(self._served)]:
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._expiry = asyncio.get_running_loop().create_task(self.runtime.relay.run_expiry())
         log.info("broker listening ports=%s trust_domain=%s", self.ports, self.config.trust_domain)
         return dict(self.ports)
 
+    async def drain(self, window: float | None = None, grace: float = 5.0) -> None:
+        """SIGTERM: stop taking new work, move cameras to other replicas at times spread over
+        the window (no reconnect storm), end this replica's sessions with a reason, then stop.
+
+        Health turns NOT_SERVING first; the listeners stop accepting at once (with SO_REUSEPORT
+        the kernel sends new connections to the other replicas) while live streams go on until
+        their camera's turn comes or the grace period ends."""
+        window = self.config.drain_window_seconds if window is None else window
+        loop = asyncio.get_running_loop()
+        await self._health.enter_graceful_shutdown()
+        ended = self.runtime.relay.end_where(DRAIN_REASON)
+        # The internal listener stays open: other replicas forward Watch calls for the cameras
+        # still attached here until their turn to move comes.
+        public = self._servers[:-1]
+        stopping = [asyncio.ensure_future(s.stop(window + grace)) for s in public]
+        presence = self.runtime.presence
+        cameras = sorted(presence.online_ids())
+        for device_id in cameras:
+            delay = random.uniform(0, window)  # noqa: S311 (spreading load, not a secret)
+            loop.call_later(delay, presence.end_device, device_id, Unavailable(DRAIN_MESSAGE))
+        log.info(
+            "draining: %d camera(s) to move over %.0f s, %d session(s) ended",
+            len(cameras),
+            window,
+            len(ended),
+        )
+        deadline = loop.time() + window + grace
+        while (presence.online_count() or self.runtime.relay.live_count()) and (
+            loop.time() < deadline
+        ):
+            await asyncio.sleep(0.1)
+        await asyncio.gather(*stopping, return_exceptions=True)
+        await self.stop(0)
+
     async def stop(self, grace: float | None = 1.0) -> None:
         """Stop all listeners; streams get `grace` seconds to finish."""
         await self._health.enter_graceful_shutdown()  # every health status NOT_SERVING, first
+        await asyncio.to_thread(self.feed.stop)
+        await self.events.drain()
         self.runtime.relay.end_where(RESTART_REASON)  # watchers get an end event with the reason
         self._expiry.cancel()
         await asyncio.gather(*(s.stop(grace) for s in self._servers))

@@ -110,6 +110,7 @@ class Sessions:
             SessionOutcome.OPENED,
             "",
             cnf_thumbprint,
+            replica=self._config.replica_name,
         )
         at_ms = int(self._clock.now().timestamp() * 1000)
 
@@ -247,12 +248,14 @@ class Sessions:
         self._store.run(closing)
 
     def end_all_after_restart(self) -> list[str]:
-        """No session survives a restart: every open one is ended (apps re-open with new tokens)."""
+        """No session survives a restart of the replica that served it: this replica's open
+        sessions are ended (apps re-open with new tokens); other replicas' are left alone."""
         now = unix(self._clock.now())
         at_ms = int(self._clock.now().timestamp() * 1000)
+        replica = self._config.replica_name
 
         def ending(tx: Transaction) -> list[str]:
-            open_ids = [r.session_id for r in tx.open_sessions()]
+            open_ids = [r.session_id for r in tx.open_sessions() if r.replica == replica]
             return end_sessions_audited(tx, open_ids, now, at_ms, "broker restarted", "broker")
 
         return self._store.run(ending)

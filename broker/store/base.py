@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from broker.audit.chain import AuditEntry, AuditEvent
 from broker.errors import AlreadyExists, ConfigurationError, FailedPrecondition
@@ -191,6 +191,43 @@ class SessionRecord:
     cnf_thumbprint: str = ""
     ended_at: int | None = None
     bytes: int = 0
+    replica: str = ""  # the replica that opened it (ends it when that replica stops or restarts)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaRecord:
+    """A broker replica of the fleet and the address of its internal (replica-only) listener."""
+
+    name: str
+    internal_address: str
+    started_at: int
+    heartbeat_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class AttachmentRecord:
+    """Which replica holds a device's Attach stream. One row per device, kept after release so
+    that epochs never repeat."""
+
+    device_id: str
+    replica: str  # '' once released
+    epoch: int  # fencing token: grows by one on every attach of the device, never reused
+    attached_at: int
+    lease_expires_at: int  # 0 once released; an expired lease means offline
+
+    def live_at(self, now: int) -> bool:
+        return bool(self.replica) and now < self.lease_expires_at
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """One entry of the fleet's event feed (revocations, share changes, PKI reloads...)."""
+
+    seq: int
+    kind: str
+    payload: dict[str, Any]  # JSON object
+    origin: str  # replica that appended it
+    at_ms: int
 
 
 class Transaction(Protocol):
@@ -248,7 +285,51 @@ class Transaction(Protocol):
     def sessions_of_device(self, device_id: str) -> list[SessionRecord]: ...
 
     def close_session(self, session_id: str, at: int, reason: str, byte_count: int) -> bool: ...
-    def end_all_open_sessions(self, at: int, reason: str) -> list[str]: ...
+    def end_all_open_sessions(self, at: int, reason: str, replica: str | None = None) -> list[str]:
+        """End open sessions (only those of replica when given) and return their ids, sorted."""
+        ...
+
+    def set_session_replica(self, session_id: str, replica: str) -> None: ...
+
+    # replicas of the fleet
+    def upsert_replica(self, name: str, internal_address: str, now: int) -> None:
+        """Record a (re)started replica: started_at = heartbeat_at = now."""
+        ...
+
+    def heartbeat_replica(self, name: str, now: int) -> None: ...
+    def get_replica(self, name: str) -> ReplicaRecord | None: ...
+
+    # attachments (fenced by epoch)
+    def attach_device(
+        self, device_id: str, replica: str, now: int, lease_expires_at: int
+    ) -> tuple[AttachmentRecord, AttachmentRecord | None]:
+        """Attach device_id to replica with epoch = previous epoch + 1 (1 if none); return
+        (new, previous row or None). The previous row is returned as stored, released or not:
+        check ``previous.live_at(now)`` for a live Attach elsewhere."""
+        ...
+
+    def renew_attachment(self, device_id: str, epoch: int, lease_expires_at: int) -> bool:
+        """Extend the lease; False (and nothing changed) if epoch is not the current one or
+        the attachment was released."""
+        ...
+
+    def release_attachment(self, device_id: str, epoch: int) -> bool:
+        """replica = '' and lease 0, only if epoch is the current one (and not yet released)."""
+        ...
+
+    def get_attachment(self, device_id: str) -> AttachmentRecord | None: ...
+    def release_attachments_of(self, replica: str) -> list[str]:
+        """Release every attachment held by replica; return the device ids, sorted."""
+        ...
+
+    # events (the fleet's feed)
+    def append_event(self, kind: str, payload: dict[str, Any], origin: str, at_ms: int) -> int:
+        """Append an event; return its seq. Seqs grow in commit order, so a reader polling
+        ``events_after(last)`` never skips one."""
+        ...
+
+    def events_after(self, seq: int, limit: int = 500) -> list[EventRecord]: ...
+    def last_event_seq(self) -> int: ...
 
     # failure counters (rate limits shared by every process, kept across restarts)
     def count_failures(self, scope: str, key: str, since_ms: int) -> tuple[int, int | None]:
@@ -286,4 +367,10 @@ class Store(Protocol):
         ...
 
     def schema_version(self) -> int: ...
+    def wait_for_events(self, timeout: float) -> bool:
+        """Block up to timeout seconds for a new-event notification; True if one arrived (or
+        may have been missed). PostgreSQL: LISTEN on a dedicated connection; SQLite: sleeps
+        and returns False (replicas on SQLite poll ``events_after``)."""
+        ...
+
     def close(self) -> None: ...

@@ -6,6 +6,7 @@ same versions), so a row has the same column order on either.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,11 +14,14 @@ from broker.identity.spiffe import Kind
 from broker.store.base import (
     AppRecord,
     AppState,
+    AttachmentRecord,
     CertificateRecord,
     CertStatus,
     DeviceRecord,
     DeviceState,
+    EventRecord,
     GrantRecord,
+    ReplicaRecord,
     Role,
     SessionOutcome,
     SessionRecord,
@@ -36,8 +40,11 @@ APP_COLUMNS = "app_id, user_id, label, state, created_at, revoked_at"
 GRANT_COLUMNS = "device_id, user_id, role, granted_by, created_at, expires_at"
 SESSION_COLUMNS = (
     "session_id, device_id, user_id, app_id, opened_at, expires_at, outcome, reason, "
-    "cnf_thumbprint, ended_at, bytes"
+    "cnf_thumbprint, ended_at, bytes, replica"
 )
+REPLICA_COLUMNS = "name, internal_address, started_at, heartbeat_at"
+ATTACHMENT_COLUMNS = "device_id, replica, epoch, attached_at, lease_expires_at"
+EVENT_COLUMNS = "seq, kind, payload, origin, at_ms"
 TOKEN_COLUMNS = "token_hash, device_id, created_at, expires_at, created_by, used_at"  # noqa: S105
 
 
@@ -64,3 +71,23 @@ def session_row(row: Sequence[Any]) -> SessionRecord:
     values = list(row)
     values[6] = SessionOutcome(values[6])
     return SessionRecord(*values)
+
+
+def replica_row(row: Sequence[Any]) -> ReplicaRecord:
+    return ReplicaRecord(str(row[0]), str(row[1]), int(row[2]), int(row[3]))
+
+
+def attachment_row(row: Sequence[Any]) -> AttachmentRecord:
+    return AttachmentRecord(str(row[0]), str(row[1]), int(row[2]), int(row[3]), int(row[4]))
+
+
+def event_payload(payload: dict[str, Any]) -> str:
+    """The stored form of an event payload: canonical JSON of an object."""
+    if not isinstance(payload, dict):
+        raise TypeError("an event payload must be a JSON object (dict)")
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"))
+
+
+def event_row(row: Sequence[Any]) -> EventRecord:
+    payload = json.loads(row[2])
+    return EventRecord(int(row[0]), str(row[1]), payload, str(row[3]), int(row[4]))

@@ -126,6 +126,34 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX failures_key ON failures(scope, key, at_ms)",
         "CREATE INDEX failures_age ON failures(scope, at_ms)",
     ),
+    # v8: one fleet of replicas. Replicas and their internal addresses; which replica holds each
+    # device's Attach stream, fenced by an epoch that never repeats (the row is kept after
+    # release); the event feed every replica follows by seq; which replica opened each session.
+    (
+        """CREATE TABLE replicas (
+            name TEXT PRIMARY KEY,
+            internal_address TEXT NOT NULL,
+            started_at INTEGER NOT NULL,
+            heartbeat_at INTEGER NOT NULL
+        )""",
+        """CREATE TABLE attachments (
+            device_id TEXT PRIMARY KEY,
+            replica TEXT NOT NULL,
+            epoch INTEGER NOT NULL CHECK (epoch > 0),
+            attached_at INTEGER NOT NULL,
+            lease_expires_at INTEGER NOT NULL
+        )""",
+        "CREATE INDEX attachments_replica ON attachments(replica) WHERE replica != ''",
+        """CREATE TABLE events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            origin TEXT NOT NULL,
+            at_ms INTEGER NOT NULL
+        )""",
+        "ALTER TABLE sessions ADD COLUMN replica TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX sessions_replica_open ON sessions(replica) WHERE outcome = 'opened'",
+    ),
 )
 
 LATEST_VERSION = len(MIGRATIONS)

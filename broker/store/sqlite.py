@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
@@ -19,12 +20,15 @@ from broker.audit.chain import GENESIS, AuditEntry, AuditEvent, canonical_detail
 from broker.errors import ConfigurationError
 from broker.store.base import (
     AppRecord,
+    AttachmentRecord,
     CertificateRecord,
     DeviceRecord,
     DuplicateKey,
     EnrollmentTokenRecord,
+    EventRecord,
     GrantRecord,
     MissingReference,
+    ReplicaRecord,
     SchemaTooNew,
     SessionRecord,
     Transaction,
@@ -32,16 +36,23 @@ from broker.store.base import (
 )
 from broker.store.rows import (
     APP_COLUMNS,
+    ATTACHMENT_COLUMNS,
     CERT_COLUMNS,
     DEVICE_COLUMNS,
+    EVENT_COLUMNS,
     GRANT_COLUMNS,
+    REPLICA_COLUMNS,
     SESSION_COLUMNS,
     TOKEN_COLUMNS,
     USER_COLUMNS,
     app_row,
+    attachment_row,
     cert_row,
     device_row,
+    event_payload,
+    event_row,
     grant_row,
+    replica_row,
     session_row,
 )
 from broker.store.schema import LATEST_VERSION, MIGRATIONS
@@ -357,7 +368,7 @@ class SqliteTransaction:
     def insert_session(self, session: SessionRecord) -> None:
         self._insert(
             "sessions",
-            f"INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 session.session_id,
                 session.device_id,
@@ -370,6 +381,7 @@ class SqliteTransaction:
                 session.cnf_thumbprint,
                 session.ended_at,
                 session.bytes,
+                session.replica,
             ),
         )
 
@@ -420,13 +432,108 @@ class SqliteTransaction:
         )
         return cursor.rowcount == 1
 
-    def end_all_open_sessions(self, at: int, reason: str) -> list[str]:
+    def end_all_open_sessions(self, at: int, reason: str, replica: str | None = None) -> list[str]:
+        if replica is None:
+            rows = self._conn.execute(
+                "UPDATE sessions SET outcome = 'ended', ended_at = ?, reason = ? "
+                "WHERE outcome = 'opened' RETURNING session_id",
+                (at, reason),
+            ).fetchall()
+        else:
+            rows = self._conn.execute(
+                "UPDATE sessions SET outcome = 'ended', ended_at = ?, reason = ? "
+                "WHERE outcome = 'opened' AND replica = ? RETURNING session_id",
+                (at, reason, replica),
+            ).fetchall()
+        return sorted(r[0] for r in rows)
+
+    def set_session_replica(self, session_id: str, replica: str) -> None:
+        self._conn.execute(
+            "UPDATE sessions SET replica = ? WHERE session_id = ?", (replica, session_id)
+        )
+
+    # replicas
+    def upsert_replica(self, name: str, internal_address: str, now: int) -> None:
+        self._conn.execute(
+            f"INSERT INTO replicas ({REPLICA_COLUMNS}) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET internal_address = excluded.internal_address, "
+            "started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at",
+            (name, internal_address, now, now),
+        )
+
+    def heartbeat_replica(self, name: str, now: int) -> None:
+        self._conn.execute("UPDATE replicas SET heartbeat_at = ? WHERE name = ?", (now, name))
+
+    def get_replica(self, name: str) -> ReplicaRecord | None:
+        row = self._one(f"SELECT {REPLICA_COLUMNS} FROM replicas WHERE name = ?", (name,))
+        return replica_row(row) if row else None
+
+    # attachments: writers are serialized (BEGIN IMMEDIATE), so read-then-upsert is atomic
+    def attach_device(
+        self, device_id: str, replica: str, now: int, lease_expires_at: int
+    ) -> tuple[AttachmentRecord, AttachmentRecord | None]:
+        previous = self.get_attachment(device_id)
+        row = self._one(
+            f"INSERT INTO attachments ({ATTACHMENT_COLUMNS}) VALUES (?, ?, 1, ?, ?) "
+            "ON CONFLICT (device_id) DO UPDATE SET replica = excluded.replica, "
+            "epoch = attachments.epoch + 1, attached_at = excluded.attached_at, "
+            f"lease_expires_at = excluded.lease_expires_at RETURNING {ATTACHMENT_COLUMNS}",
+            (device_id, replica, now, lease_expires_at),
+        )
+        assert row is not None
+        return attachment_row(row), previous
+
+    def renew_attachment(self, device_id: str, epoch: int, lease_expires_at: int) -> bool:
+        cursor = self._conn.execute(
+            "UPDATE attachments SET lease_expires_at = ? "
+            "WHERE device_id = ? AND epoch = ? AND replica != ''",
+            (lease_expires_at, device_id, epoch),
+        )
+        return cursor.rowcount == 1
+
+    def release_attachment(self, device_id: str, epoch: int) -> bool:
+        cursor = self._conn.execute(
+            "UPDATE attachments SET replica = '', lease_expires_at = 0 "
+            "WHERE device_id = ? AND epoch = ? AND replica != ''",
+            (device_id, epoch),
+        )
+        return cursor.rowcount == 1
+
+    def get_attachment(self, device_id: str) -> AttachmentRecord | None:
+        row = self._one(
+            f"SELECT {ATTACHMENT_COLUMNS} FROM attachments WHERE device_id = ?", (device_id,)
+        )
+        return attachment_row(row) if row else None
+
+    def release_attachments_of(self, replica: str) -> list[str]:
+        if not replica:
+            return []
         rows = self._conn.execute(
-            "UPDATE sessions SET outcome = 'ended', ended_at = ?, reason = ? "
-            "WHERE outcome = 'opened' RETURNING session_id",
-            (at, reason),
+            "UPDATE attachments SET replica = '', lease_expires_at = 0 "
+            "WHERE replica = ? RETURNING device_id",
+            (replica,),
         ).fetchall()
         return sorted(r[0] for r in rows)
+
+    # events: writers are serialized, so seqs (AUTOINCREMENT, never reused) commit in order
+    def append_event(self, kind: str, payload: dict[str, Any], origin: str, at_ms: int) -> int:
+        row = self._one(
+            "INSERT INTO events (kind, payload, origin, at_ms) VALUES (?, ?, ?, ?) RETURNING seq",
+            (kind, event_payload(payload), origin, at_ms),
+        )
+        assert row is not None
+        return int(row[0])
+
+    def events_after(self, seq: int, limit: int = 500) -> list[EventRecord]:
+        rows = self._conn.execute(
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, limit),
+        ).fetchall()
+        return [event_row(r) for r in rows]
+
+    def last_event_seq(self) -> int:
+        row = self._one("SELECT MAX(seq) FROM events", ())
+        return int(row[0]) if row and row[0] is not None else 0
 
     # audit
     def audit_entries_for(self, subject: str, action_prefix: str) -> list[AuditEntry]:
@@ -605,6 +712,12 @@ class SqliteStore:
             yield AuditEntry(
                 seq, at_ms, actor, action, subject, json.loads(detail), prev_hash, digest
             )
+
+    def wait_for_events(self, timeout: float) -> bool:
+        """SQLite has no notifications: sleep for timeout and say none arrived (replicas on
+        SQLite poll ``events_after``)."""
+        time.sleep(max(0.0, timeout))
+        return False
 
     def close(self) -> None:
         with self._lock:

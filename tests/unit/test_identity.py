@@ -23,10 +23,12 @@ from broker.identity.spiffe import (
     from_certificate,
     operator,
     parse_spiffe_id,
+    replica,
     validate_device_id,
+    validate_replica_name,
     validate_trust_domain,
 )
-from broker.protocol.spiffe_id import single_uri_san
+from broker.protocol.spiffe_id import MalformedSpiffeId, SpiffeId, single_uri_san
 
 TD = "camera.local"
 # The reference pattern from the brief, anchored with \A...\Z so no trailing newline slips in.
@@ -75,6 +77,11 @@ def _uri(value: str) -> x509.UniformResourceIdentifier:
         (Identity(Kind.OPERATOR, TD, "admin"), "spiffe://camera.local/operator/admin"),
         (Identity(Kind.OPERATOR, TD, "ops.alice_1"), "spiffe://camera.local/operator/ops.alice_1"),
         (Identity(Kind.BROKER, TD, "broker"), "spiffe://camera.local/broker"),
+        (Identity(Kind.REPLICA, TD, "r1"), "spiffe://camera.local/broker/replica/r1"),
+        (
+            Identity(Kind.REPLICA, TD, "eu-west.r_2"),
+            "spiffe://camera.local/broker/replica/eu-west.r_2",
+        ),
     ],
 )
 def test_spiffe_id_round_trip(identity: Identity, spiffe_id: str) -> None:
@@ -87,6 +94,32 @@ def test_constructors_build_the_same_identities() -> None:
     assert device(TD, "cam-0001") == Identity(Kind.DEVICE, TD, "cam-0001")
     assert operator(TD, "admin") == Identity(Kind.OPERATOR, TD, "admin")
     assert broker(TD) == Identity(Kind.BROKER, TD, "broker")
+    assert replica(TD, "r2") == Identity(Kind.REPLICA, TD, "r2")
+
+
+def test_replica_spiffe_id_is_its_own_kind_with_its_own_accessor() -> None:
+    spiffe = SpiffeId.replica(TD, "r3")
+    assert str(spiffe) == "spiffe://camera.local/broker/replica/r3"
+    assert SpiffeId.parse(str(spiffe)) == spiffe
+    assert spiffe.kind == "replica" and spiffe.replica_name == "r3"
+    with pytest.raises(MalformedSpiffeId):
+        _ = SpiffeId.broker(TD).replica_name
+    with pytest.raises(MalformedSpiffeId):
+        _ = spiffe.operator_name
+    identity = replica(TD, "r3")
+    assert identity.replica_name == "r3" and identity.spiffe == spiffe
+    # A replica is neither the broker nor an operator: the accessors of other kinds refuse it.
+    for accessor in ("device_id", "user_id", "operator_name"):
+        with pytest.raises(TypeError):
+            getattr(identity, accessor)
+    with pytest.raises(TypeError):
+        _ = broker(TD).replica_name
+
+
+@pytest.mark.parametrize("name", ["", "R1", "-r1", "r/1", "r 1", "r" * 64, "r%31"])
+def test_invalid_replica_names_are_refused(name: str) -> None:
+    with pytest.raises(InvalidArgument, match="replica name"):
+        validate_replica_name(name)
 
 
 def test_anonymous_and_birth_kinds_have_no_spiffe_id() -> None:
@@ -117,6 +150,12 @@ def test_anonymous_and_birth_kinds_have_no_spiffe_id() -> None:
         "spiffe://camera.local/operator/a/b",
         "spiffe://camera.local/broker/",
         "spiffe://camera.local/broker/x",
+        "spiffe://camera.local/broker/replica",
+        "spiffe://camera.local/broker/replica/",
+        "spiffe://camera.local/broker/replica/R1",
+        "spiffe://camera.local/broker/replica/r1/x",
+        "spiffe://camera.local/broker/replicas/r1",
+        "spiffe://camera.local/replica/r1",
     ],
 )
 def test_malformed_spiffe_ids_in_our_domain_are_refused(uri: str) -> None:

@@ -16,10 +16,11 @@ ALLOWED: dict[str, set[str]] = {
     "identity": {"protocol"},
     "audit": {"store"},
     "store": {"audit", "identity", "protocol"},
-    "pki": {"identity", "protocol", "store", "audit"},
-    "accounts": {"pki", "identity", "protocol", "store", "audit"},
-    "devices": {"pki", "identity", "protocol", "store", "audit", "accounts"},
-    "sessions": {"pki", "identity", "protocol", "store", "audit", "devices"},
+    "cluster": {"store"},
+    "pki": {"identity", "protocol", "store", "audit", "cluster"},
+    "accounts": {"pki", "identity", "protocol", "store", "audit", "cluster"},
+    "devices": {"pki", "identity", "protocol", "store", "audit", "accounts", "cluster"},
+    "sessions": {"pki", "identity", "protocol", "store", "audit", "devices", "cluster"},
 }
 # The SDKs: wire formats and base modules only (the operator SDK also reads the PKI home layout).
 CLIENT_ALLOWED = {"protocol", "client", "_proto"}

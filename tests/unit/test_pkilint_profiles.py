@@ -10,10 +10,11 @@ positives tolerated, each matched as narrowly as possible:
   only when the same URI with an ``https`` scheme passes the very same validator (so the scheme is
   the only thing it objects to).
 * ``pkix.invalid_domain_name_syntax`` on the dNSName ``localhost`` of the broker's server
-  certificate: pkilint's domain validator demands at least two labels, but RFC 5280 4.2.1.6 asks
+  certificate and of a replica's certificate (its internal listener is verified by the same
+  names): pkilint's domain validator demands at least two labels, but RFC 5280 4.2.1.6 asks
   for RFC 1034 3.5 preferred name syntax, where a single label is valid. DESIGN.md and the issue
   both require ``localhost`` in the server certificate. Tolerated only for that exact value on
-  the server profile; every configured name must lint clean.
+  those two profiles; every configured name must lint clean.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import validators
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from pkilint import loader, validation
 from pkilint.pkix import certificate, extension, general_name, name
 from pkilint.validation import ValidationFindingSeverity as Severity
@@ -37,11 +39,14 @@ from pkilint.validation import ValidationFindingSeverity as Severity
 from broker.identity.spiffe import Identity, Kind, device
 from broker.pemfile import read_certificates, read_private_key
 from broker.pki.ca import make_birth_certificate
+from broker.pki.replica import ensure_replica_certificate
 from tests.unit.conftest import DevPki, make_dev_pki
 
 SPIFFE_URI_FINDING = "pkix.invalid_uri_syntax"
 LOCALHOST_FINDING = "pkix.invalid_domain_name_syntax"
 EXTRA_SERVER_NAME = "broker.camera.example"
+# Profiles whose certificate carries the loopback name ``localhost`` (listeners verified by name).
+LOCALHOST_PROFILES = {"server", "replica"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,9 +136,10 @@ def is_tolerated_spiffe_finding(finding: Finding, cert: x509.Certificate) -> boo
 
 
 def is_tolerated_localhost_finding(finding: Finding, profile: str) -> bool:
-    """pkilint refusing the single-label dNSName ``localhost`` on the server certificate only."""
+    """pkilint refusing the single-label dNSName ``localhost`` on the server and replica
+    certificates only."""
     return (
-        profile == "server"
+        profile in LOCALHOST_PROFILES
         and finding.code == LOCALHOST_FINDING
         and finding.severity is Severity.ERROR
         and finding.validator == general_name.GeneralNameDnsNameSyntaxValidator.__name__
@@ -190,6 +196,13 @@ def _birth_cert(pki: DevPki) -> x509.Certificate:
     )
 
 
+def _replica_cert(pki: DevPki) -> x509.Certificate:
+    """A broker replica's certificate, as issued on its first start (serverAuth + clientAuth)."""
+    config = pki.config.with_overrides(replica_name="r-lint.1")
+    _, chain = ensure_replica_certificate(config, pki.authority, pki.clock)
+    return _first(chain)
+
+
 PROFILES: dict[str, Callable[[DevPki], x509.Certificate]] = {
     "root": lambda pki: _first(pki.files.root_cert),
     "issuing": lambda pki: _first(pki.files.issuing_cert),
@@ -200,9 +213,11 @@ PROFILES: dict[str, Callable[[DevPki], x509.Certificate]] = {
     "device-p384": _device_cert(lambda: ec.generate_private_key(ec.SECP384R1())),
     "app": _app_cert,
     "birth": _birth_cert,
+    "replica": _replica_cert,
 }
 LEAVES_WITH_SPIFFE_ID = {
     "app",
+    "replica",
     "server",
     "operator",
     "device-p256",
@@ -229,7 +244,20 @@ def test_profile_has_no_pkilint_finding_of_warning_or_worse(lint_pki: DevPki, pr
     spiffe = [f for f in findings if is_tolerated_spiffe_finding(f, cert)]
     assert len(spiffe) == (1 if profile in LEAVES_WITH_SPIFFE_ID else 0), spiffe
     localhost = [f for f in findings if is_tolerated_localhost_finding(f, profile)]
-    assert len(localhost) == (1 if profile == "server" else 0), localhost
+    assert len(localhost) == (1 if profile in LOCALHOST_PROFILES else 0), localhost
+
+
+def test_replica_profile_serves_and_calls_with_its_own_identity(lint_pki: DevPki) -> None:
+    """One URI SAN (the replica's SPIFFE ID), both EKUs, and the loopback names of the broker."""
+    cert = PROFILES["replica"](lint_pki)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert _uri_sans(cert) == ["spiffe://camera.local/broker/replica/r-lint.1"]
+    assert "localhost" in san.get_values_for_type(x509.DNSName)
+    assert "127.0.0.1" in {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    basic = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert basic.critical and not basic.value.ca
 
 
 def test_server_certificate_configured_names_lint_clean(lint_pki: DevPki) -> None:

@@ -137,6 +137,34 @@ STEPS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX failures_key ON failures(scope, key, at_ms)",
         "CREATE INDEX failures_age ON failures(scope, at_ms)",
     ),
+    # v8 (as SQLite's v8): replicas, fenced attachments, the event feed, sessions' replica.
+    # events.seq is an identity column; appenders take the chain lock before drawing a seq and
+    # hold it to commit (see PostgresTransaction.append_event), so seqs commit in order.
+    8: (
+        """CREATE TABLE replicas (
+            name TEXT PRIMARY KEY,
+            internal_address TEXT NOT NULL,
+            started_at BIGINT NOT NULL,
+            heartbeat_at BIGINT NOT NULL
+        )""",
+        """CREATE TABLE attachments (
+            device_id TEXT PRIMARY KEY,
+            replica TEXT NOT NULL,
+            epoch BIGINT NOT NULL CHECK (epoch > 0),
+            attached_at BIGINT NOT NULL,
+            lease_expires_at BIGINT NOT NULL
+        )""",
+        "CREATE INDEX attachments_replica ON attachments(replica) WHERE replica <> ''",
+        """CREATE TABLE events (
+            seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            kind TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            origin TEXT NOT NULL,
+            at_ms BIGINT NOT NULL
+        )""",
+        "ALTER TABLE sessions ADD COLUMN replica TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX sessions_replica_open ON sessions(replica) WHERE outcome = 'opened'",
+    ),
 }
 
 LATEST_VERSION = BASELINE_VERSION + len(STEPS)

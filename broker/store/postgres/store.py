@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from typing import Any, TypeVar
 
 import psycopg
@@ -46,12 +47,15 @@ from broker.audit.chain import AuditEntry, AuditEvent, canonical_detail, entry_h
 from broker.errors import Contention, Unavailable
 from broker.store.base import (
     AppRecord,
+    AttachmentRecord,
     CertificateRecord,
     DeviceRecord,
     DuplicateKey,
     EnrollmentTokenRecord,
+    EventRecord,
     GrantRecord,
     MissingReference,
+    ReplicaRecord,
     SchemaTooNew,
     SessionRecord,
     Transaction,
@@ -60,16 +64,23 @@ from broker.store.base import (
 from broker.store.postgres.schema import BASELINE, BASELINE_VERSION, LATEST_VERSION, STEPS
 from broker.store.rows import (
     APP_COLUMNS,
+    ATTACHMENT_COLUMNS,
     CERT_COLUMNS,
     DEVICE_COLUMNS,
+    EVENT_COLUMNS,
     GRANT_COLUMNS,
+    REPLICA_COLUMNS,
     SESSION_COLUMNS,
     TOKEN_COLUMNS,
     USER_COLUMNS,
     app_row,
+    attachment_row,
     cert_row,
     device_row,
+    event_payload,
+    event_row,
     grant_row,
+    replica_row,
     session_row,
 )
 
@@ -82,6 +93,7 @@ MIGRATION_LOCK = 0x62726F6B65720001  # pg_advisory_xact_lock key: "broker" + 1
 BEGIN_WRITE = "BEGIN ISOLATION LEVEL SERIALIZABLE"
 LOCK_CHAIN = "LOCK TABLE audit_head IN EXCLUSIVE MODE"
 READ_HEAD = "SELECT seq, hash FROM audit_head WHERE id = 1"
+EVENTS_CHANNEL = "broker_events"
 
 
 class SerializationFailure(Contention):
@@ -437,7 +449,7 @@ class PostgresTransaction:
         self._insert(
             "sessions",
             f"INSERT INTO sessions ({SESSION_COLUMNS}) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
                 session.session_id,
                 session.device_id,
@@ -450,6 +462,7 @@ class PostgresTransaction:
                 session.cnf_thumbprint,
                 session.ended_at,
                 session.bytes,
+                session.replica,
             ),
             lambda: "sessions.session_id",
         )
@@ -506,13 +519,132 @@ class PostgresTransaction:
         )
         return count == 1
 
-    def end_all_open_sessions(self, at: int, reason: str) -> list[str]:
+    def end_all_open_sessions(self, at: int, reason: str, replica: str | None = None) -> list[str]:
+        if replica is None:
+            rows = self._all(
+                "UPDATE sessions SET outcome = 'ended', ended_at = %s, reason = %s "
+                "WHERE outcome = 'opened' RETURNING session_id",
+                (at, reason),
+            )
+        else:
+            rows = self._all(
+                "UPDATE sessions SET outcome = 'ended', ended_at = %s, reason = %s "
+                "WHERE outcome = 'opened' AND replica = %s RETURNING session_id",
+                (at, reason, replica),
+            )
+        return sorted(r[0] for r in rows)
+
+    def set_session_replica(self, session_id: str, replica: str) -> None:
+        self._rowcount(
+            "UPDATE sessions SET replica = %s WHERE session_id = %s", (replica, session_id)
+        )
+
+    # replicas
+    def upsert_replica(self, name: str, internal_address: str, now: int) -> None:
+        self._rowcount(
+            f"INSERT INTO replicas ({REPLICA_COLUMNS}) VALUES (%s, %s, %s, %s) "
+            "ON CONFLICT (name) DO UPDATE SET internal_address = excluded.internal_address, "
+            "started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at",
+            (name, internal_address, now, now),
+        )
+
+    def heartbeat_replica(self, name: str, now: int) -> None:
+        self._rowcount("UPDATE replicas SET heartbeat_at = %s WHERE name = %s", (now, name))
+
+    def get_replica(self, name: str) -> ReplicaRecord | None:
+        row = self._one(f"SELECT {REPLICA_COLUMNS} FROM replicas WHERE name = %s", (name,))
+        return replica_row(row) if row else None
+
+    # attachments. The epoch is bumped by one conditional upsert on the device's row (its
+    # primary key is the constraint); writers holding the chain lock are serial anyway, and an
+    # optimistic writer that races another attach of the same device fails to serialize (40001)
+    # and is re-run by Store.run, so no epoch is ever handed out twice.
+    def attach_device(
+        self, device_id: str, replica: str, now: int, lease_expires_at: int
+    ) -> tuple[AttachmentRecord, AttachmentRecord | None]:
+        before = self._one(
+            f"SELECT {ATTACHMENT_COLUMNS} FROM attachments WHERE device_id = %s FOR UPDATE",
+            (device_id,),
+        )
+        row = self._one(
+            f"INSERT INTO attachments ({ATTACHMENT_COLUMNS}) VALUES (%s, %s, 1, %s, %s) "
+            "ON CONFLICT (device_id) DO UPDATE SET replica = excluded.replica, "
+            "epoch = attachments.epoch + 1, attached_at = excluded.attached_at, "
+            f"lease_expires_at = excluded.lease_expires_at RETURNING {ATTACHMENT_COLUMNS}",
+            (device_id, replica, now, lease_expires_at),
+        )
+        assert row is not None
+        return attachment_row(row), attachment_row(before) if before else None
+
+    def renew_attachment(self, device_id: str, epoch: int, lease_expires_at: int) -> bool:
+        count = self._rowcount(
+            "UPDATE attachments SET lease_expires_at = %s "
+            "WHERE device_id = %s AND epoch = %s AND replica <> ''",
+            (lease_expires_at, device_id, epoch),
+        )
+        return count == 1
+
+    def release_attachment(self, device_id: str, epoch: int) -> bool:
+        count = self._rowcount(
+            "UPDATE attachments SET replica = '', lease_expires_at = 0 "
+            "WHERE device_id = %s AND epoch = %s AND replica <> ''",
+            (device_id, epoch),
+        )
+        return count == 1
+
+    def get_attachment(self, device_id: str) -> AttachmentRecord | None:
+        row = self._one(
+            f"SELECT {ATTACHMENT_COLUMNS} FROM attachments WHERE device_id = %s", (device_id,)
+        )
+        return attachment_row(row) if row else None
+
+    def release_attachments_of(self, replica: str) -> list[str]:
+        if not replica:
+            return []
         rows = self._all(
-            "UPDATE sessions SET outcome = 'ended', ended_at = %s, reason = %s "
-            "WHERE outcome = 'opened' RETURNING session_id",
-            (at, reason),
+            "UPDATE attachments SET replica = '', lease_expires_at = 0 "
+            "WHERE replica = %s RETURNING device_id",
+            (replica,),
         )
         return sorted(r[0] for r in rows)
+
+    # events
+    def append_event(self, kind: str, payload: dict[str, Any], origin: str, at_ms: int) -> int:
+        # Seqs must become visible in seq order, or a reader polling events_after(last) could
+        # pass over a smaller seq that commits later. What this relies on: every appender holds
+        # the chain lock from before it draws its seq until it commits. Writers opened with the
+        # writer lock (the default, and every re-run) hold LOCK TABLE audit_head IN EXCLUSIVE
+        # MODE from BEGIN; any other writer (writer_lock=False) takes the head row FOR UPDATE
+        # here, before drawing the seq, which conflicts with that table lock and with another
+        # such row lock. Both are held to commit, and PostgreSQL makes a commit visible before
+        # it releases the transaction's locks, so appenders commit one at a time in seq order.
+        # (Rolled-back appenders leave gaps; readers never wait for a gap.)
+        if self._head is None:
+            head = self._one("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
+            if head is None:
+                raise RuntimeError(
+                    "audit_head row is missing: the schema was not created by the broker"
+                )
+            self._head = (int(head[0]), str(head[1]))
+        row = self._one(
+            "WITH e AS (INSERT INTO events (kind, payload, origin, at_ms) "
+            "VALUES (%s, %s, %s, %s) RETURNING seq) "
+            "SELECT seq, pg_notify(%s, seq::text) FROM e",
+            (kind, event_payload(payload), origin, at_ms, EVENTS_CHANNEL),
+        )
+        assert row is not None
+        return int(row[0])
+
+    def events_after(self, seq: int, limit: int = 500) -> list[EventRecord]:
+        rows = self._all(
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > %s ORDER BY seq LIMIT %s",
+            (seq, limit),
+        )
+        return [event_row(r) for r in rows]
+
+    def last_event_seq(self) -> int:
+        row = self._one("SELECT MAX(seq) FROM events")
+        return int(row[0]) if row and row[0] is not None else 0
 
     # audit
     def audit_entries_for(self, subject: str, action_prefix: str) -> list[AuditEntry]:
@@ -594,6 +726,15 @@ class PostgresStore:
         self.exhausted = 0  # units given up after `attempts` tries (raised Contention)
         self._lock_timeout_ms = lock_timeout_ms
         self._max_size = max_size
+        self._connect_timeout = connect_timeout
+        # The LISTEN connection for wait_for_events: one reader at a time (``_listening``);
+        # other waiters sleep on ``_listen_cond`` and wake when ``_notified`` moves.
+        self._listen_cond = threading.Condition()
+        self._listener: psycopg.Connection[Any] | None = None
+        self._listening = False
+        self._notified = 0
+        self._listener_lost = False
+        self._closed = False
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             url,
             min_size=min_size,
@@ -774,5 +915,88 @@ class PostgresStore:
             for row in cursor:
                 yield _audit_entry(row)
 
+    # -- the event feed ----------------------------------------------------------------------
+    def wait_for_events(self, timeout: float) -> bool:
+        """Block up to timeout seconds for a NOTIFY on ``broker_events``; True if one arrived
+        (or may have been missed: the first wait after the listening connection was lost and
+        made again says True, so the caller polls ``events_after``). Thread-safe: one thread
+        reads the connection, the others wait for it to report."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._listen_cond:
+            seen = self._notified
+            while self._listening:
+                remaining = deadline - time.monotonic()
+                if self._notified != seen:
+                    return True
+                if remaining <= 0 or self._closed:
+                    return False
+                self._listen_cond.wait(remaining)
+            if self._notified != seen:
+                return True
+            if self._closed:
+                return False
+            self._listening = True
+        arrived = False
+        try:
+            arrived = self._listen(deadline)
+        finally:
+            with self._listen_cond:
+                self._listening = False
+                if arrived:
+                    self._notified += 1
+                self._listen_cond.notify_all()
+                orphan = self._listener if self._closed else None
+                if orphan is not None:
+                    self._listener = None
+            if orphan is not None:  # close() ran while this thread was reading: close it here
+                orphan.close()
+        return arrived
+
+    def _listen(self, deadline: float) -> bool:
+        """Read notifications until one arrives or the deadline passes (the calling thread is
+        the only reader). On a failure the connection is dropped, to be made again next time."""
+        try:
+            conn = self._listener
+            if conn is None or conn.closed:
+                conn = psycopg.connect(
+                    self.url, autocommit=True, connect_timeout=max(1, int(self._connect_timeout))
+                )
+                conn.execute(f"LISTEN {EVENTS_CHANNEL}")
+                with self._listen_cond:
+                    if self._closed:
+                        conn.close()
+                        return False
+                    self._listener = conn
+                    if self._listener_lost:  # notifications may have been sent meanwhile
+                        self._listener_lost = False
+                        return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            received = list(conn.notifies(timeout=remaining, stop_after=1))
+            return bool(received)
+        except psycopg.Error:
+            with self._listen_cond:
+                broken, self._listener = self._listener, None
+                self._listener_lost = not self._closed
+            if broken is not None:
+                broken.close()
+            remaining = deadline - time.monotonic()
+            if remaining > 0 and not self._closed:
+                time.sleep(min(remaining, 0.5))  # do not spin on a server that is down
+            return False
+
     def close(self) -> None:
+        with self._listen_cond:
+            self._closed = True
+            listening = self._listening
+            # A thread reading the listener closes it itself (closing a connection under a
+            # reader in another thread is not safe); wake it with a notification.
+            listener, self._listener = (None, None) if listening else (self._listener, None)
+            self._listen_cond.notify_all()
+        if listening:
+            with suppress(psycopg.Error), self._pool.connection(timeout=1.0) as conn:
+                conn.execute("SELECT pg_notify(%s, '0')", (EVENTS_CHANNEL,))
+        if listener is not None:
+            listener.close()
         self._pool.close()
