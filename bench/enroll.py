@@ -34,7 +34,7 @@ from typing import Any
 import grpc
 
 from bench.harness import stores as backends
-from bench.harness.broker import BrokerChild, WhatIf, bench_config
+from bench.harness.broker import Broker, WhatIf, bench_config
 from bench.harness.cli import bench_parser, parse
 from bench.harness.fleet import Clients, Deferred, split
 from bench.harness.profiling import PROFILES, profiled_runs, py_spy_binary
@@ -123,7 +123,7 @@ def run_batch(load: Load, mode: str, batches: list[list[Item]], conc: int, k: in
 
 
 class Load:
-    def __init__(self, broker: BrokerChild, clients: Clients, channels: int) -> None:
+    def __init__(self, broker: Broker, clients: Clients, channels: int) -> None:
         self.broker, self.clients, self.channels = broker, clients, channels
 
     def run(self, mode: str, items: list[Item], concurrency: int) -> UnaryRun:
@@ -395,6 +395,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         synchronous=args.server_sync,
     )
     args.what_if.check(backends.chosen(args.store))
+    if args.workers and args.what_if.describe():
+        p.error("what-ifs change the in-process broker; --workers runs `broker serve` as shipped")
     return args
 
 
@@ -414,7 +416,7 @@ def prepare(config: Config, modes: list[str], plan: dict[str, tuple[int, int]], 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    stores = backends.chosen(args.store)
+    stores = backends.chosen(args.store, args.workers)
     modes = ["reused", "new-conn"] if args.mode == "both" else [args.mode]
     plan = {"reused": (args.n, args.concurrency), "new-conn": (args.n_new, args.new_concurrency)}
     t0 = time.monotonic()
@@ -454,7 +456,9 @@ def main(argv: list[str] | None = None) -> int:
         errors = 0
         try:
             for store, config in homes.items():
-                broker = backends.broker_on(config, what_if=args.what_if)
+                broker = backends.broker_on(
+                    config, what_if=args.what_if, workers=backends.workers_of(store)
+                )
                 live.append(broker)
                 ca_pem = (config.certs_dir / "ca-bundle.pem").read_bytes()
                 clients = Clients(enroll_client, [(broker.bootstrap, ca_pem)] * args.clients)

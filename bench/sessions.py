@@ -35,7 +35,7 @@ from typing import Any
 import grpc
 
 from bench.harness import stores as backends
-from bench.harness.broker import BrokerChild, WhatIf
+from bench.harness.broker import Broker, WhatIf
 from bench.harness.cli import bench_parser, parse
 from bench.harness.fleet import Clients, Deferred, split
 from bench.harness.profiling import profiled_runs, py_spy_binary
@@ -186,7 +186,7 @@ class Cell:
 class Load:
     """One broker and `count` client processes sharing the app instances."""
 
-    def __init__(self, broker: BrokerChild, count: int, setup: tuple[Any, ...]) -> None:
+    def __init__(self, broker: Broker, count: int, setup: tuple[Any, ...]) -> None:
         ca_pem, apps, *rest = setup
         self.broker = broker
         self.count = count
@@ -448,6 +448,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"unknown what-if {name!r}; choose from {', '.join(WHAT_IFS)}")
         if name:
             WHAT_IFS[name][1].check(backends.chosen(args.store))
+    if args.workers and (args.what_if or args.compare):
+        p.error("what-ifs change the in-process broker; --workers runs `broker serve` as shipped")
     if args.compare and args.store == "both":
         p.error("--compare runs on one store: pass --store sqlite or --store postgres")
     clients, _, inflight = args.compare_cell.partition("x")
@@ -458,7 +460,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def compare(
     args: argparse.Namespace,
     config: Config,
-    baseline: BrokerChild,
+    baseline: Broker,
     setup: tuple[Any, ...],
     cells: list[Cell],
     offset: int,
@@ -517,7 +519,10 @@ class Side:
             fleet.trust_domain,
         )
         self.broker = backends.broker_on(
-            config, CHEAP_ARGON2, WHAT_IFS[args.what_if][1] if args.what_if else None
+            config,
+            CHEAP_ARGON2,
+            WHAT_IFS[args.what_if][1] if args.what_if else None,
+            backends.workers_of(store),
         )
         print(
             f"{backends.NAMES[store]} broker pid {self.broker.pid} main port {self.broker.ports['main']}"
@@ -527,7 +532,7 @@ class Side:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    stores = backends.chosen(args.store)
+    stores = backends.chosen(args.store, args.workers)
     t0 = time.monotonic()
     live: list[Any] = []  # processes to stop at the end
     cells: list[Cell] = []

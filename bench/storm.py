@@ -31,12 +31,14 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from bench.harness.broker import BrokerChild, WhatIf
+from bench.harness import stores as backends
+from bench.harness.broker import Broker, ServeChild, WhatIf, replica_names
 from bench.harness.cli import bench_parser, parse
 from bench.harness.fleet import (
     Clients,
@@ -53,8 +55,8 @@ from bench.harness.provision import (
     App,
     Camera,
     audit_check,
-    bench_home,
     elapsed,
+    open_store,
     provision,
     read_store,
 )
@@ -146,6 +148,7 @@ async def cameras_client(
         "close": close,
         "since": lambda t: sum(1 for times in attached_at if times and times[-1] >= t),
         "times": lambda t: [next((x for x in times if x >= t), None) for times in attached_at],
+        "attaches": lambda t: [x for times in attached_at for x in times if x >= t],
         "stats": lambda: {
             "attempts": dict(attempts),
             "cpu": process_cpu(),
@@ -274,6 +277,11 @@ class Fleet:
             else None
         )
 
+    @classmethod
+    def on(cls, broker: Broker, setup: Any, args: argparse.Namespace) -> Fleet:
+        """The fleet provision() made (setup), on broker's addresses."""
+        return cls((broker.bootstrap, broker.main), setup.ca_pem, setup.cameras, setup.owners, args)
+
     def pids(self) -> list[int]:
         return self.cams.pids + (self.watchers.pids if self.watchers else [])
 
@@ -287,6 +295,23 @@ class Fleet:
         self.cams.stop()
         if self.watchers:
             self.watchers.stop()
+
+
+def cold_start(fleet: Fleet, n: int, w: int, timeout: float, problems: list[str]) -> None:
+    """Every camera attaches, then every watcher opens a session and gets frames."""
+    start = time.monotonic()
+    fleet.cams.ask_all("go")
+    if not wait_until(fleet, 0.0, n, 0, timeout):
+        problems.append("cold start: not every camera attached")
+    cold = time.monotonic() - start
+    start = time.monotonic()
+    fleet.ask_watchers("go")
+    if not wait_until(fleet, 0.0, n, w, timeout):
+        problems.append("cold start: not every watcher streams")
+    print(
+        f"cold start: {n:,} cameras attached in {cold:.1f} s ({n / cold:,.0f}/s); "
+        f"{w:,} watchers opened sessions and got frames in {elapsed(start)}"
+    )
 
 
 def wait_until(fleet: Fleet, since: float, cameras: int, watchers: int, timeout: float) -> bool:
@@ -305,6 +330,7 @@ def wait_until(fleet: Fleet, since: float, cameras: int, watchers: int, timeout:
 # ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Restart:
+    label: str  # which broker came back: in-process (BrokerChild) or `broker serve --workers N`
     outage: float  # kill -> new broker listening
     camera_times: list[float]  # re-attach, seconds after the kill, for those that did
     cameras_missing: int
@@ -331,23 +357,23 @@ class Restart:
 
 
 def restart(
-    broker: BrokerChild,
+    broker: Broker,
     fleet: Fleet,
-    home: Path,
+    start: Callable[[dict[str, int]], Broker],
     cameras: int,
     watchers: int,
     timeout: float,
-    what_if: WhatIf,
     py_spy: str | None = None,
     profile: Path | None = None,
-) -> tuple[BrokerChild, Restart]:
+) -> tuple[Broker, Restart]:
+    """SIGKILL broker, start(its ports) a new one, wait until the fleet is back."""
     ours = fleet.pids()
     clients0 = sum(pid_cpu(p) for p in ours)
     machine = MachineWindow()
     drops0 = listen_overflows()
     t_kill = time.monotonic()
     broker.kill()
-    new = BrokerChild(home, CHEAP_ARGON2, broker.ports, what_if)
+    new = start(broker.ports)
     spy = (
         Spy(
             py_spy,
@@ -364,7 +390,7 @@ def restart(
     wait_until(fleet, t_kill, cameras, watchers, timeout)
     wall = time.monotonic() - t_kill
     drops = listen_overflows() - drops0
-    broker_cpu = pid_cpu(new.pid)
+    broker_cpu = new.stats()["cpu"]
     clients_cpu = sum(pid_cpu(p) for p in ours) - clients0
     machine.stop()
     if spy is not None:
@@ -376,6 +402,7 @@ def restart(
     # the old broker's CPU is gone with it: count the new one plus clients against the wall
     others = max(0.0, machine.busy - (broker_cpu + clients_cpu) / wall) if wall else 0.0
     return new, Restart(
+        label=f"{new.workers} worker(s)" if isinstance(new, ServeChild) else "in-process",
         outage=new.ready_at - t_kill,
         camera_times=cam_times,
         cameras_missing=cameras - len(cam_times),
@@ -394,7 +421,7 @@ def restart(
 
 def print_restart(index: int, r: Restart, cameras: int, watchers: int) -> None:
     ct, back, cam_all = r.camera_times, r.outage, r.cam_all()
-    print(f"  restart {index}: outage (kill -> new broker listening) {back:.2f} s")
+    print(f"  restart {index} ({r.label}): outage (kill -> new broker listening) {back:.2f} s")
     if ct:
         print(
             f"    cameras re-attached {len(ct):,}/{cameras:,}: all after {cam_all:.2f} s from the "
@@ -485,6 +512,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "500 cameras, 2 restarts",
         "one extra restart with py-spy on the new broker (not in the figures)",
         "restart",
+        stores=True,
     )
     p.add_argument("--cameras", type=int, help="cameras (default 10,000, quick 500)")
     p.add_argument(
@@ -531,7 +559,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"unknown what-if {name!r}; choose from {', '.join(WHAT_IFS)}")
     args.what_ifs = names
     args.what_if = WhatIf(**{k: v for name in names for k, v in WHAT_IFS[name][1].items()})
-    args.what_if.check()
+    args.what_if.check(backends.chosen(args.store))
+    if args.store == "both":
+        p.error("the storm runs on one store: --store sqlite or --store postgres")
+    if args.workers and args.what_ifs:
+        p.error("what-ifs change the in-process broker; --workers runs `broker serve` as shipped")
     return args
 
 
@@ -543,7 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     w = round(n * args.watched)
     restarts: list[Restart] = []
     problems: list[str] = []
-    with bench_home("storm", args.keep, **CHEAP_ARGON2) as config:
+    variants = args.workers or [0]  # restart r starts variants[r % len]; 0: in-process broker
+    with backends.store_home("storm", args.keep, args.store, args.pg_url, **CHEAP_ARGON2) as config:
         print(
             f"reconnect storm benchmark: grpcio {grpc.__version__}, Python "
             f"{sys.version.split()[0]}, {NCPU} CPUs, open-file limit {nofile}, home "
@@ -561,36 +594,35 @@ def main(argv: list[str] | None = None) -> int:
                 "WHAT-IF (not the broker as shipped): "
                 + "; ".join(f"{k}: {WHAT_IFS[k][0]}" for k in args.what_ifs)
             )
-        broker = BrokerChild(config.home, CHEAP_ARGON2, what_if=args.what_if)
+        starts = iter(range(1_000_000))
+        store = open_store(config, migrate=False)
+
+        def start_broker(ports: dict[str, int] | None) -> Broker:
+            workers = variants[next(starts) % len(variants)]
+            if ports is not None:  # the broker before was killed: release its replicas that
+                # this start does not bring back (2 -> 1 worker), as their own restart would
+                for name in sorted(set(replica_names(previous[0])) - set(replica_names(workers))):
+                    store.run(lambda tx, n=name: tx.release_attachments_of(n))
+            previous[0] = workers
+            return backends.broker_on(config, CHEAP_ARGON2, args.what_if, workers, ports)
+
+        previous = [variants[0]]
+        broker = start_broker(None)
         fleet: Fleet | None = None
         try:
-            fleet = Fleet(
-                (broker.bootstrap, broker.main), setup.ca_pem, setup.cameras, setup.owners, args
-            )
+            fleet = Fleet.on(broker, setup, args)
             print(
                 f"broker pid {broker.pid} ports {broker.ports}; {args.camera_procs} camera "
                 f"processes, 1 watcher process; reconnect backoff full jitter, window "
                 f"{args.backoff_base:g} s doubling to {args.backoff_cap:g} s; watched cameras "
                 f"send {args.frame_bytes} B frames at {args.fps:g} fps"
             )
-            start = time.monotonic()
-            fleet.cams.ask_all("go")
-            if not wait_until(fleet, 0.0, n, 0, args.timeout):
-                problems.append("cold start: not every camera attached")
-            cold = time.monotonic() - start
-            start = time.monotonic()
-            fleet.ask_watchers("go")
-            if not wait_until(fleet, 0.0, n, w, args.timeout):
-                problems.append("cold start: not every watcher streams")
-            print(
-                f"cold start: {n:,} cameras attached in {cold:.1f} s ({n / cold:,.0f}/s); "
-                f"{w:,} watchers opened sessions and got frames in {elapsed(start)}"
-            )
+            cold_start(fleet, n, w, args.timeout, problems)
             time.sleep(args.settle)
             stats = broker.stats()
             print(
-                f"steady: broker online {stats['online']:,}, live sessions "
-                f"{stats['live_sessions']:,}, VmRSS {stats.get('VmRSS', 0) / 1024:.0f} MiB, "
+                f"steady: broker online {stats.get('online', 'n/a')}, live sessions "
+                f"{stats.get('live_sessions', 'n/a')}, VmRSS {stats.get('VmRSS', 0) / 1024:.0f} MiB, "
                 f"VmHWM {stats.get('VmHWM', 0) / 1024:.0f} MiB"
             )
 
@@ -607,9 +639,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"  (waited {waited:.0f} s for other processes to calm down; they used "
                         f"{load:.2f} cores just before the kill)"
                     )
-                broker, result = restart(
-                    broker, fleet, config.home, n, w, args.timeout, args.what_if
-                )
+                broker, result = restart(broker, fleet, start_broker, n, w, args.timeout)
                 restarts.append(result)
                 print_restart(r + 1, result, n, w)
                 if result.cameras_missing or result.watchers_missing:
@@ -628,15 +658,7 @@ def main(argv: list[str] | None = None) -> int:
                     "figures):"
                 )
                 broker, result = restart(
-                    broker,
-                    fleet,
-                    config.home,
-                    n,
-                    w,
-                    args.timeout,
-                    args.what_if,
-                    py_spy,
-                    args.profile,
+                    broker, fleet, start_broker, n, w, args.timeout, py_spy, args.profile
                 )
                 print(
                     f"  all cameras back {result.cam_all() - result.outage:.2f} s after it listened"
@@ -672,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
             if fleet is not None:
                 fleet.stop()
             broker.stop()
+            store.close()
 
         print("\noracle:")
         wrong = {
@@ -707,14 +730,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"{100 * rs.stats['core_busy'] / wall:>10.0f}%"
                 f"{rs.stats.get('VmHWM', 0) / 1024:>10.0f}{rs.others:>7.2f}{rs.syn_drops:>10,}"
             )
-        print(
-            f"  MEDIAN: all {n:,} cameras re-attached "
-            f"{median([r.cam_all() - r.outage for r in restarts]):.2f} s after the new broker "
-            f"listened ({median([r.cam_all() for r in restarts]):.2f} s after the kill); all "
-            f"{w:,} watchers streaming again {median([r.watch_all() for r in restarts]):.2f} s "
-            f"after the kill; broker peak memory "
-            f"{max(r.stats.get('VmHWM', 0) for r in restarts) / 1024:.0f} MiB"
-        )
+        for label in dict.fromkeys(r.label for r in restarts):
+            some = [r for r in restarts if r.label == label]
+            print(
+                f"  MEDIAN of {len(some)} ({label}): all {n:,} cameras re-attached "
+                f"{median([r.cam_all() - r.outage for r in some]):.2f} s after the new broker "
+                f"listened ({median([r.cam_all() for r in some]):.2f} s after the kill); all "
+                f"{w:,} watchers streaming again {median([r.watch_all() for r in some]):.2f} s "
+                f"after the kill; broker CPU {median([r.broker_cpu for r in some]):.1f} s; "
+                f"broker peak memory {max(r.stats.get('VmHWM', 0) for r in some) / 1024:.0f} MiB"
+            )
     print(
         "  correctness: "
         + ("OK, 0 mismatches" if not problems else "FAILED: " + "; ".join(problems))

@@ -15,6 +15,9 @@ import contextlib
 import dataclasses
 import multiprocessing as mp
 import os
+import signal
+import socket
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -24,7 +27,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from bench.harness.stats import pid_memory, process_cpu, raise_nofile, thread_cpu
+from bench.harness.stats import pid_cpu, pid_memory, process_cpu, raise_nofile, thread_cpu
 from broker.config import Config
 
 
@@ -224,3 +227,152 @@ class BrokerChild:
         self.proc.join(10)
         if self.proc.is_alive():
             self.proc.kill()
+
+
+# ---------------------------------------------------------------------------------------------
+# the broker as shipped from its command line: `broker serve [--workers N]`
+# ---------------------------------------------------------------------------------------------
+PUBLIC = ("bootstrap", "main", "factory")
+
+
+def free_ports(names: tuple[str, ...] = PUBLIC) -> dict[str, int]:
+    """A free port per name (bound to port 0 and released): fixed ports for replicas that
+    share them with SO_REUSEPORT (port 0 would give every replica a port of its own)."""
+    ports: dict[str, int] = {}
+    with contextlib.ExitStack() as stack:
+        for name in names:
+            s = stack.enter_context(socket.socket())
+            s.bind(("127.0.0.1", 0))
+            ports[name] = s.getsockname()[1]
+    return ports
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of pid (/proc/<pid>/task/*/children)."""
+    pids: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                pids += [int(p) for p in f.read().split()]
+    return pids
+
+
+def replica_of(pid: int) -> str:
+    """The --replica argument on pid's command line ('' if none)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().decode().split("\0")
+    except OSError:
+        return ""
+    return argv[argv.index("--replica") + 1] if "--replica" in argv else ""
+
+
+def replica_names(workers: int) -> list[str]:
+    """The replicas a broker start runs: r1 (in-process or one worker), r1..rN (--workers N)."""
+    return [f"r{i}" for i in range(1, max(1, workers) + 1)]
+
+
+class ServeChild:
+    """`broker serve` as an operator runs it (``-m broker.cli --home H serve``), store and public
+    ports by environment (BROKER_STORE, BROKER_*_ADDRESS); with workers > 1 it is ``serve
+    --workers N``: N replica processes r1..rN sharing the public ports (SO_REUSEPORT). Same
+    surface as BrokerChild (pid, ports, main, bootstrap, ready_at, stats, kill, stop), but the
+    broker's insides are not reachable: stats() gives the CPU and memory of every replica
+    process (from /proc), no per-thread or core-thread counters. Output goes to
+    ``<home>/var/serve-<n>.log``."""
+
+    starts = 0
+
+    def __init__(
+        self,
+        config: Config,
+        workers: int = 1,
+        ports: dict[str, int] | None = None,
+        drain_window: float | None = None,
+    ) -> None:
+        self.config, self.workers = config, workers
+        self.ports = dict(ports or free_ports())
+        env = {**os.environ, **{f"BROKER_{n.upper()}_ADDRESS": self.address(n) for n in PUBLIC}}
+        if config.store_url:
+            env["BROKER_STORE"] = config.store_url
+        command = [sys.executable, "-m", "broker.cli", "--home", str(config.home), "serve"]
+        if workers > 1:
+            command += ["--workers", str(workers)]
+        if drain_window is not None:
+            command += ["--drain-window", f"{drain_window:g}"]
+        ServeChild.starts += 1
+        self.log = config.home / "var" / f"serve-{ServeChild.starts}.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.pid = self.proc.pid
+        self.wait_serving(workers, 0)
+        self.ready_at = time.monotonic()
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.ports[name]}"
+
+    @property
+    def main(self) -> str:
+        return self.address("main")
+
+    @property
+    def bootstrap(self) -> str:
+        return self.address("bootstrap")
+
+    def serving_lines(self, offset: int = 0) -> list[str]:
+        """The "broker serving: ..." lines the replicas printed after byte offset of the log."""
+        with open(self.log, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode("utf-8", "replace")
+        return [line for line in text.splitlines() if line.startswith("broker serving:")]
+
+    def wait_serving(self, count: int, offset: int, timeout: float = 120) -> None:
+        """Until `count` replicas printed their serving line (listeners up, health SERVING)."""
+        deadline = time.monotonic() + timeout
+        while len(self.serving_lines(offset)) < count:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"broker serve did not come up; see {self.log}")
+            time.sleep(0.05)
+
+    def replicas(self) -> dict[str, int]:
+        """Replica name -> pid of every live replica process."""
+        if self.workers == 1:
+            return {self.config.replica_name: self.pid} if self.proc.poll() is None else {}
+        return {replica_of(p): p for p in child_pids(self.pid)}
+
+    def stats(self) -> dict[str, Any]:
+        pids = [self.pid, *child_pids(self.pid)]
+        memory = [pid_memory(p) for p in pids]
+        return {
+            "cpu": sum(pid_cpu(p) for p in pids),
+            "threads": {},
+            "core_calls": 0,
+            "core_batches": 0,
+            "core_busy": 0.0,
+            "core_waited": 0.0,
+            "core_by_fn": {},
+            "VmHWM": sum(m.get("VmHWM", 0) for m in memory),
+            "VmRSS": sum(m.get("VmRSS", 0) for m in memory),
+        }
+
+    def kill(self) -> None:
+        """SIGKILL every replica and the supervisor: an outage of the whole host."""
+        for pid in [*child_pids(self.pid), self.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        """SIGINT: every replica stops at once (no drain)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+Broker = BrokerChild | ServeChild

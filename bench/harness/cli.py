@@ -34,12 +34,8 @@ def bench_parser(
             default="sqlite",
             help="the broker's store; both: a broker on each, runs alternated (sqlite)",
         )
-        p.add_argument(
-            "--pg-url",
-            default=os.environ.get("BENCH_PG_URL", DEFAULT_PG_URL),
-            help="PostgreSQL server where each run creates (and drops) a fresh database "
-            f"(env BENCH_PG_URL, default {DEFAULT_PG_URL})",
-        )
+        add_pg_url(p)
+        add_workers(p, "alternated with the same client load")
     if quiet_before:
         p.add_argument(
             "--wait-quiet",
@@ -52,8 +48,31 @@ def bench_parser(
     return p
 
 
+def add_pg_url(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--pg-url",
+        default=os.environ.get("BENCH_PG_URL", DEFAULT_PG_URL),
+        help="PostgreSQL server where each run creates (and drops) a fresh database "
+        f"(env BENCH_PG_URL, default {DEFAULT_PG_URL})",
+    )
+
+
+def add_workers(p: argparse.ArgumentParser, how: str) -> None:
+    p.add_argument(
+        "--workers",
+        default="",
+        metavar="N,M",
+        help="worker-process counts: the broker as shipped, `broker serve --workers N` "
+        f"(replicas sharing the ports), on a fresh PostgreSQL database each; {how}",
+    )
+
+
 def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
+    if hasattr(args, "workers"):
+        args.workers = [int(x) for x in args.workers.split(",") if x]
+        if args.workers and getattr(args, "store", "postgres") != "postgres":
+            p.error("--workers runs replicas on PostgreSQL: pass --store postgres")
     if getattr(args, "wait_quiet", 0) is None:
         args.wait_quiet = 5.0 if args.quick else 30.0
     if hasattr(args, "runs"):

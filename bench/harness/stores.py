@@ -19,7 +19,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from bench.harness.broker import BrokerChild, WhatIf
+from bench.harness.broker import Broker, BrokerChild, ServeChild, WhatIf
 from bench.harness.provision import bench_home
 from bench.harness.stats import median, ms, pid_cpu, us
 from bench.harness.unary import UnaryRun, print_breakdown, print_run
@@ -30,8 +30,27 @@ NAMES = {SQLITE: "SQLite", POSTGRES: "PostgreSQL"}
 Runner = Callable[[int], UnaryRun]  # round index -> one timed run
 
 
-def chosen(store: str) -> list[str]:
-    """--store sqlite|postgres|both -> the stores, SQLite first."""
+def workers_key(n: int) -> str:
+    """The variant `broker serve --workers n` on PostgreSQL (a key like the stores')."""
+    key = f"{POSTGRES}-w{n}"
+    NAMES[key] = f"PG, {n} worker{'s' if n > 1 else ''}"
+    return key
+
+
+def is_postgres(key: str) -> bool:
+    return key.partition("-w")[0] == POSTGRES
+
+
+def workers_of(key: str) -> int:
+    """n for a workers_key, 0 for a store (the broker in-process, as BrokerChild)."""
+    return int(key.partition("-w")[2] or 0)
+
+
+def chosen(store: str, workers: list[int] | None = None) -> list[str]:
+    """--store sqlite|postgres|both -> the stores, SQLite first; with --workers N,M one
+    PostgreSQL variant per worker count instead."""
+    if workers:
+        return [workers_key(n) for n in workers]
     return [SQLITE, POSTGRES] if store == "both" else [store]
 
 
@@ -65,11 +84,20 @@ def store_homes(
         homes: dict[str, Config] = {}
         for store in stores:
             extra = dict(overrides)
-            if store == POSTGRES:
+            if is_postgres(store):
                 extra["store_url"] = stack.enter_context(postgres_database(pg_url))
             homes[store] = stack.enter_context(bench_home(f"{name}-{store}", keep, **extra))
             print(f"{NAMES[store]} store: {extra.get('store_url') or homes[store].database}")
         yield homes
+
+
+@contextlib.contextmanager
+def store_home(
+    name: str, keep: bool, store: str, pg_url: str, **overrides: Any
+) -> Iterator[Config]:
+    """store_homes for one store."""
+    with store_homes(name, keep, [store], pg_url, **overrides) as homes:
+        yield homes[store]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +133,7 @@ def with_db_cpu(runner: Runner) -> Runner:
 
 def runners(stores: list[str], make: Callable[[str], Runner]) -> dict[str, Runner]:
     """make(store) per store, PostgreSQL's with its server's CPU measured."""
-    return {s: with_db_cpu(make(s)) if s == POSTGRES else make(s) for s in stores}
+    return {s: with_db_cpu(make(s)) if is_postgres(s) else make(s) for s in stores}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,27 +174,40 @@ def _cpu(runs: list[UnaryRun], db: bool = False) -> float:
 
 
 def comparison(title: str, results: dict[str, list[UnaryRun]], unit: str) -> str | None:
-    """PostgreSQL / SQLite: median throughput, broker CPU per call (and with the PostgreSQL
-    server's CPU), p99; None unless both stores ran."""
-    if SQLITE not in results or POSTGRES not in results:
+    """PostgreSQL / SQLite (or the most workers / the fewest): median throughput, broker CPU
+    per call (and with the PostgreSQL server's CPU), p99; None unless both ran."""
+    if SQLITE in results and POSTGRES in results:
+        new, old = POSTGRES, SQLITE
+    elif len(variants := sorted((k for k in results if workers_of(k)), key=workers_of)) > 1:
+        new, old = variants[-1], variants[0]
+    else:
         return None
-    sq, pg = results[SQLITE], results[POSTGRES]
-    rate_s, rate_p = median([r.rate for r in sq]), median([r.rate for r in pg])
-    cpu_s, cpu_p, cpu_db = _cpu(sq), _cpu(pg), _cpu(pg, db=True)
+    a, b = results[new], results[old]
+    rate_b, rate_a = median([r.rate for r in b]), median([r.rate for r in a])
+    cpu_b, cpu_a, cpu_db = _cpu(b), _cpu(a), _cpu(a, db=True)
+    db_b = _cpu(b, db=True) if is_postgres(old) else cpu_b
     return (
-        f"{title}: PostgreSQL / SQLite over {min(len(sq), len(pg))} alternated pairs: "
-        f"{rate_p:,.0f} / {rate_s:,.0f} {unit} = x{rate_p / rate_s if rate_s else 0:.2f}; "
-        f"broker CPU/call {us(cpu_p)} / {us(cpu_s)} = x{cpu_p / cpu_s if cpu_s else 0:.2f} "
-        f"(with the PostgreSQL server's {us(cpu_db)} = x{cpu_db / cpu_s if cpu_s else 0:.2f}); "
-        f"p99 {ms(median([r.p99 for r in pg]))} / {ms(median([r.p99 for r in sq]))}"
+        f"{title}: {NAMES[new]} / {NAMES[old]} over {min(len(a), len(b))} alternated pairs: "
+        f"{rate_a:,.0f} / {rate_b:,.0f} {unit} = x{rate_a / rate_b if rate_b else 0:.2f}; "
+        f"broker CPU/call {us(cpu_a)} / {us(cpu_b)} = x{cpu_a / cpu_b if cpu_b else 0:.2f} "
+        f"(with the PostgreSQL server's {us(cpu_db)} / {us(db_b)} = "
+        f"x{cpu_db / db_b if db_b else 0:.2f}); "
+        f"p99 {ms(median([r.p99 for r in a]))} / {ms(median([r.p99 for r in b]))}"
     )
 
 
 def broker_on(
-    config: Config, overrides: dict[str, Any] | None = None, what_if: WhatIf | None = None
-) -> BrokerChild:
-    """A broker child on config's home and on the store config names."""
+    config: Config,
+    overrides: dict[str, Any] | None = None,
+    what_if: WhatIf | None = None,
+    workers: int = 0,
+    ports: dict[str, int] | None = None,
+) -> Broker:
+    """A broker child on config's home and on the store config names; with workers, the
+    shipped `broker serve --workers N` instead (overrides and what-ifs do not reach it)."""
+    if workers:
+        return ServeChild(config, workers, ports)
     extra = dict(overrides or {})
     if config.store_url:
         extra["store_url"] = config.store_url
-    return BrokerChild(config.home, extra, what_if=what_if or WhatIf())
+    return BrokerChild(config.home, extra, ports, what_if or WhatIf())

@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from bench.harness.broker import BrokerChild
+from bench.harness.broker import Broker
 from bench.harness.fleet import Clients
 from bench.harness.stats import NCPU, PY_GROUPS, MachineWindow, median, ms, pct, process_cpu, us
 
@@ -97,9 +97,7 @@ class UnaryRun:
 STANDARD = {"start", "end", "latencies", "errors", "cpu"}
 
 
-def run_load(
-    broker: BrokerChild, clients: Clients, commands: list[tuple[Any, ...]], n: int
-) -> UnaryRun:
+def run_load(broker: Broker, clients: Clients, commands: list[tuple[Any, ...]], n: int) -> UnaryRun:
     """One timed run: every client process gets its command; broker and machine sampled around."""
     sample: dict[str, Any] = {}
 

@@ -71,6 +71,7 @@ class Enrollment:
 class DeviceStatus:
     record: DeviceRecord
     current_certificate: CertificateRecord | None
+    online: bool = False  # a live attachment on any replica (store of record)
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +302,9 @@ class DeviceAuthority:
             else:
                 tx.revoke_device(device_id, now)
             serials = tx.revoke_certificates(identity.spiffe_id, now, reason or "unspecified")
+            attachment = tx.get_attachment(device_id)
+            if attachment is not None:  # a revoked camera is offline everywhere, at once
+                tx.release_attachment(device_id, attachment.epoch)
             open_ids = [r.session_id for r in tx.open_sessions(device_id=device_id)]
             ended = end_sessions_audited(
                 tx, open_ids, now, now_ms(self._clock), "device revoked", actor.spiffe_id
@@ -337,6 +341,7 @@ class DeviceAuthority:
     # -- queries ---------------------------------------------------------------------------------
     def list_devices(self) -> list[DeviceStatus]:
         """Every device with its newest active certificate."""
+        now = now_s(self._clock)
         with self._store.read() as tx:
             result = []
             for record in tx.list_devices():
@@ -344,7 +349,13 @@ class DeviceAuthority:
                     device(self._config.trust_domain, record.device_id).spiffe_id
                 )
                 active = [c for c in certs if c.status is CertStatus.ACTIVE]
-                result.append(DeviceStatus(record, active[-1] if active else None))
+                attachment = tx.get_attachment(record.device_id)
+                online = (
+                    record.state is DeviceState.ACTIVE
+                    and attachment is not None
+                    and attachment.live_at(now)
+                )
+                result.append(DeviceStatus(record, active[-1] if active else None, online))
             return result
 
     def issuing_serial(self) -> str:

@@ -29,6 +29,7 @@ class DeviceAccess:
 
     grant: GrantRecord
     device: DeviceRecord
+    online: bool = False  # a live attachment on any replica (store of record)
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +251,9 @@ class Ownership:
                     and device.state is DeviceState.ACTIVE
                     and grant.active_at(now)
                 ):
-                    result.append(DeviceAccess(grant, device))
+                    attachment = tx.get_attachment(device.device_id)
+                    online = attachment is not None and attachment.live_at(now)
+                    result.append(DeviceAccess(grant, device, online))
             return result
 
 

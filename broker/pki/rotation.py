@@ -301,11 +301,18 @@ def _stale(devices: list[DeviceRecord], current_version: str) -> list[str]:
 
 
 def bundle_adoption(
-    files: PkiFiles, store: Store, current_version: str, online: set[str]
+    files: PkiFiles, store: Store, current_version: str, now: int
 ) -> BundleAdoption:
-    """Active devices holding the current bundle, online or not, and those that lag."""
+    """Active devices holding the current bundle, online (a live attachment on any replica) or
+    not, and those that lag."""
     with store.read() as tx:
         active = _active_devices(tx)
+        online = {
+            d.device_id
+            for d in active
+            if (attachment := tx.get_attachment(d.device_id)) is not None
+            and attachment.live_at(now)
+        }
     current = [d for d in active if d.trust_bundle_version == current_version]
     return BundleAdoption(
         active=len(active),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from broker._proto.broker.v1 import admin_pb2, admin_pb2_grpc
+from broker.clock import unix
 from broker.pki.ca import PkiFiles
 from broker.pki.rotation import bundle_adoption
 from broker.service.effects import EffectsApplier
@@ -57,7 +58,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
                 admin_pb2.DeviceSummary(
                     device_id=s.record.device_id,
                     state=s.record.state.value,
-                    online=self._rt.presence.is_online(s.record.device_id),
+                    online=s.online,
                     created_at=s.record.created_at,
                     certificate_not_after=s.current_certificate.not_after
                     if s.current_certificate
@@ -107,7 +108,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             PkiFiles(self._rt.config.certs_dir),
             self._rt.store,
             self._rt.trust_bundle.version,
-            self._rt.presence.online_ids(),
+            unix(self._rt.clock.now()),
         )
         return admin_pb2.RotationStatusResponse(
             trust_bundle_version=self._rt.trust_bundle.version,

@@ -39,6 +39,10 @@ class AppService(app_pb2_grpc.AppServiceServicer):
         self._rt = runtime
         self._effects = effects
         self._forwarder = ForwardClient(runtime.config)
+        # Watch calls this replica forwards to a holder, by session id; ended by drain().
+        self._forwarded: dict[str, grpc.aio.UnaryStreamCall] = {}
+        self._ending: dict[str, str] = {}
+        self._drain_reason: str | None = None
 
     async def RenewCertificate(
         self, request: app_pb2.RenewAppCertificateRequest, context: grpc.aio.ServicerContext
@@ -74,7 +78,7 @@ class AppService(app_pb2_grpc.AppServiceServicer):
                 app_pb2.MyDevice(
                     device_id=a.device.device_id,
                     role=ROLE_PB[a.grant.role],
-                    online=self._rt.presence.is_online(a.device.device_id),
+                    online=a.online,
                     expires_at=a.grant.expires_at or 0,
                     spiffe_id=device(td, a.device.device_id).spiffe_id,
                 )
@@ -145,6 +149,7 @@ class AppService(app_pb2_grpc.AppServiceServicer):
             request.app_ephemeral_public_key,
         )
         device_id = SpiffeId.parse(claims.audience).device_id  # aud was checked exactly
+        await rt.run(rt.sessions.served_here, claims.session_id)
         attachment, holder = await rt.run(self._attachment_of, device_id)
         live_elsewhere = (
             attachment is not None
@@ -210,12 +215,23 @@ class AppService(app_pb2_grpc.AppServiceServicer):
     ) -> None:
         """Relay the holder's StreamEvents to the app unchanged; its status, if it ends with one,
         becomes this call's status. The holder records the close once it took the session."""
-        call = self._forwarder.forward_watch(address, request)
+        if self._drain_reason is not None:  # a Watch set up while the drain began
+            reason = self._drain_reason
+            await asyncio.shield(self._rt.run(self._rt.sessions.end, [request.session_id], reason))
+            await context.write(app_pb2.StreamEvent(end=app_pb2.StreamEnd(reason=reason)))
+            return
+        call = self._forwarder.forward_watch(address, request)  # no await until registered
+        self._forwarded[request.session_id] = call
         taken = False
         try:
             async for event in call:
                 taken = True
                 await context.write(event)
+        except asyncio.CancelledError:
+            ending = self._ending.pop(request.session_id, None)
+            if ending is None:
+                raise  # the app hung up
+            await context.write(app_pb2.StreamEvent(end=app_pb2.StreamEnd(reason=ending)))
         except grpc.aio.AioRpcError as error:
             taken = taken or holder_took_session(error.initial_metadata())
             log.info(
@@ -241,7 +257,27 @@ class AppService(app_pb2_grpc.AppServiceServicer):
             )
             await context.abort(error.code(), error.details() or "", details)
         finally:
+            self._forwarded.pop(request.session_id, None)
+            self._ending.pop(request.session_id, None)
             call.cancel()  # the app left: the holder's handler ends and records the close
+
+    async def close(self) -> None:
+        """Close the channels to other replicas (at stop, after the listeners)."""
+        await self._forwarder.close()
+
+    async def end_forwarded(self, reason: str) -> int:
+        """End every Watch this replica forwards, and any it would forward from now on (drain):
+        each session is ended in the store with reason before its holder sees the cancel (the
+        holder then records only the bytes), and each app gets a StreamEnd with reason. Returns
+        how many were ended."""
+        self._drain_reason = reason
+        calls = dict(self._forwarded)
+        for session_id in calls:
+            self._ending[session_id] = reason
+        await self._rt.run(self._rt.sessions.end, sorted(calls), reason)
+        for call in calls.values():
+            call.cancel()
+        return len(calls)
 
     def _close_if_open(self, session_id: str, reason: str) -> None:
         with self._rt.store.read() as tx:

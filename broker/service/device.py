@@ -86,12 +86,14 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         handle.bundle_version = hello.trust_bundle_version  # heartbeats report changes only
         reader = asyncio.create_task(self._read_loop(context, handle))
         try:
-            await self._greet(context, hello, device_id)
+            # Recorded before the greeting: once the camera is told it is attached, every
+            # replica sees it online and routes viewers to this stream.
             attached = await self._rt.run(
                 self._rt.attachments.attach, device_id, hello.trust_bundle_version
             )
             handle.epoch = attached.epoch
             self._effects.apply(attached.effects)  # an older stream of this device ends
+            await self._greet(context, hello, device_id)
             await self._pump(context, handle)
         finally:
             reader.cancel()
@@ -180,7 +182,9 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                 self._on_message(handle, message)
         except BrokerError as error:  # e.g. a message that does not decode: end with its status
             handle.end(error)
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        except (grpc.aio.AioRpcError, grpc.aio.AbortError, asyncio.InvalidStateError):
+            # AbortError: the broker ended the stream (abort_with in _pump) while this read was
+            # pending; it must not escape, or Attach's cleanup (detach, release) never runs.
             pass
         finally:
             handle.send(CLOSED)

@@ -282,6 +282,7 @@ class BrokerServer:
             certificate_authenticator(factory_parser.parse, None),
         )
         device_desc = _service(device_pb2, "DeviceService")
+        self._app_service = AppService(rt, self.effects)
         admin_desc = _service(admin_pb2, "AdminService")
         app_desc = _service(app_pb2, "AppService")
         main_server = self._listener(
@@ -304,7 +305,7 @@ class BrokerServer:
                 Binding(
                     app_desc,
                     app_pb2_grpc.add_AppServiceServicer_to_server,
-                    AppService(rt, self.effects),
+                    self._app_service,
                     every(app_desc, Kind.APP),
                 ),
             ],
@@ -351,6 +352,7 @@ class BrokerServer:
         loop = asyncio.get_running_loop()
         await self._health.enter_graceful_shutdown()
         ended = self.runtime.relay.end_where(DRAIN_REASON)
+        forwarded = await self._app_service.end_forwarded(DRAIN_REASON)
         # The internal listener stays open: other replicas forward Watch calls for the cameras
         # still attached here until their turn to move comes.
         public = self._servers[:-1]
@@ -359,20 +361,30 @@ class BrokerServer:
         cameras = sorted(presence.online_ids())
         for device_id in cameras:
             delay = random.uniform(0, window)  # noqa: S311 (spreading load, not a secret)
-            loop.call_later(delay, presence.end_device, device_id, Unavailable(DRAIN_MESSAGE))
+            loop.call_later(delay, self._move_camera, device_id)
         log.info(
-            "draining: %d camera(s) to move over %.0f s, %d session(s) ended",
+            "draining: %d camera(s) to move over %.0f s, %d session(s) ended here, %d forwarded",
             len(cameras),
             window,
             len(ended),
+            forwarded,
         )
         deadline = loop.time() + window + grace
         while (presence.online_count() or self.runtime.relay.live_count()) and (
             loop.time() < deadline
         ):
             await asyncio.sleep(0.1)
+        # Whatever is left (sessions forwarded here since, cameras not gone by the deadline)
+        # ends with the drain's reason too; a second lets the end events reach the apps.
+        self.runtime.relay.end_where(DRAIN_REASON)
         await asyncio.gather(*stopping, return_exceptions=True)
-        await self.stop(0)
+        await self.stop(1.0)
+
+    def _move_camera(self, device_id: str) -> None:
+        """A draining replica's camera's turn: its viewers' sessions (including ones forwarded
+        here since the drain began) end "broker draining", then its stream is told to reconnect."""
+        self.runtime.relay.end_where(DRAIN_REASON, device_id=device_id)
+        self.runtime.presence.end_device(device_id, Unavailable(DRAIN_MESSAGE))
 
     async def stop(self, grace: float | None = 1.0) -> None:
         """Stop all listeners; streams get `grace` seconds to finish."""
@@ -382,6 +394,7 @@ class BrokerServer:
         self.runtime.relay.end_where(RESTART_REASON)  # watchers get an end event with the reason
         self._expiry.cancel()
         await asyncio.gather(*(s.stop(grace) for s in self._servers))
+        await self._app_service.close()
         await asyncio.gather(*self._background, return_exceptions=True)
         self.runtime.executor.shutdown(wait=True)
         self.runtime.password_executor.shutdown(wait=True)

@@ -247,6 +247,20 @@ class Sessions:
 
         self._store.run(closing)
 
+    def served_here(self, session_id: str) -> None:
+        """The app's Watch for this session is served by this replica: if it stops or crashes,
+        its restart ends the session (DESIGN: a replica ends only its own sessions)."""
+        replica = self._config.replica_name
+        self._store.run(lambda tx: tx.set_session_replica(session_id, replica))
+
+    def end(self, session_ids: list[str], reason: str) -> list[str]:
+        """End these sessions, if still open, with reason (audited); the ids that were open."""
+        now = unix(self._clock.now())
+        at_ms = int(self._clock.now().timestamp() * 1000)
+        return self._store.run(
+            lambda tx: end_sessions_audited(tx, session_ids, now, at_ms, reason, "broker")
+        )
+
     def end_all_after_restart(self) -> list[str]:
         """No session survives a restart of the replica that served it: this replica's open
         sessions are ended (apps re-open with new tokens); other replicas' are left alone."""
