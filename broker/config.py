@@ -35,6 +35,8 @@ class Config:
     event_feed_stale_seconds: float = 5.0
     # SIGTERM: cameras are told to reconnect elsewhere at times spread over this window.
     drain_window_seconds: float = 30.0
+    watch_wait_seconds: float = 10.0  # a Watch waits this long for a re-attaching camera
+    core_queue_limit: int = 1000  # new device/app calls are shed beyond this backlog (0: never)
     server_names: tuple[str, ...] = ("localhost",)
     device_cert_days: int = 30
     operator_cert_days: int = 90

@@ -10,11 +10,10 @@ import dataclasses
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
-from bench.harness.broker import Broker
 from bench.harness.fleet import Clients
 from bench.harness.stats import NCPU, PY_GROUPS, MachineWindow, median, ms, pct, process_cpu, us
 
@@ -97,7 +96,16 @@ class UnaryRun:
 STANDARD = {"start", "end", "latencies", "errors", "cpu"}
 
 
-def run_load(broker: Broker, clients: Clients, commands: list[tuple[Any, ...]], n: int) -> UnaryRun:
+class Sampled(Protocol):
+    """What run_load samples around a run: a BrokerChild, a ServeChild, or a peer server whose
+    stats() give the same keys ("cpu", "threads", the core_* counters)."""
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+def run_load(
+    broker: Sampled, clients: Clients, commands: list[tuple[Any, ...]], n: int
+) -> UnaryRun:
     """One timed run: every client process gets its command; broker and machine sampled around."""
     sample: dict[str, Any] = {}
 

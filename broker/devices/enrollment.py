@@ -139,7 +139,10 @@ class DeviceAuthority:
     # -- enrollment ------------------------------------------------------------------------------
     def enroll_with_token(self, csr_pem: str, token: str) -> Enrollment:
         """Enroll with a one-time token. The CSR is checked before the token is touched."""
-        key = public_key_from_csr(csr_pem)
+        return self.enroll_key_with_token(public_key_from_csr(csr_pem), token)
+
+    def enroll_key_with_token(self, key: PublicKey, token: str) -> Enrollment:
+        """enroll_with_token for a CSR already checked (public_key_from_csr, off this thread)."""
         if not token:
             raise InvalidArgument(
                 "enrollment_token is required (or enroll over the factory listener)"
@@ -182,7 +185,14 @@ class DeviceAuthority:
         self, csr_pem: str, birth_device_id: str, birth_serial: str
     ) -> Enrollment:
         """Enroll (or re-enroll) the device a TLS-verified factory birth certificate names."""
-        key = public_key_from_csr(csr_pem)
+        return self.enroll_key_with_birth_certificate(
+            public_key_from_csr(csr_pem), birth_device_id, birth_serial
+        )
+
+    def enroll_key_with_birth_certificate(
+        self, key: PublicKey, birth_device_id: str, birth_serial: str
+    ) -> Enrollment:
+        """enroll_with_birth_certificate for a CSR already checked."""
         identity = device(self._config.trust_domain, birth_device_id)
 
         def unit(tx: Transaction) -> Enrollment | str:
@@ -256,7 +266,10 @@ class DeviceAuthority:
     # -- renewal ---------------------------------------------------------------------------------
     def renew(self, caller: Identity, csr_pem: str) -> IssuedCertificate:
         """A new certificate for the caller's own identity; the old one is superseded."""
-        key = public_key_from_csr(csr_pem)
+        return self.renew_key(caller, public_key_from_csr(csr_pem))
+
+    def renew_key(self, caller: Identity, key: PublicKey) -> IssuedCertificate:
+        """renew for a CSR already checked."""
         if caller.kind is not Kind.DEVICE:
             raise PermissionDenied("only device certificates are renewed here")
 

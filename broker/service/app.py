@@ -11,12 +11,12 @@ from broker._proto.broker.internal.v1 import replica_pb2
 from broker._proto.broker.v1 import app_pb2, app_pb2_grpc
 from broker.clock import now_s, unix
 from broker.errors import Unavailable
-from broker.identity.spiffe import device
+from broker.identity.spiffe import Identity, device
 from broker.protocol.spiffe_id import SpiffeId
-from broker.protocol.tokens import cert_thumbprint
+from broker.protocol.tokens import SessionClaims, cert_thumbprint
 from broker.service.convert import trust_bundle_pb
 from broker.service.effects import EffectsApplier
-from broker.service.forward import ForwardClient, holder_took_session
+from broker.service.forward import STALE_EPOCH, ForwardClient, holder_took_session
 from broker.service.interceptor import current_caller
 from broker.service.runtime import Runtime
 from broker.service.watching import HANDSHAKE_TIMEOUT, OFFLINE, watch_locally
@@ -24,6 +24,9 @@ from broker.store import AttachmentRecord, ReplicaRecord, Role, SessionOutcome
 
 log = logging.getLogger("broker.app")
 __all__ = ["HANDSHAKE_TIMEOUT", "ROLE_PB", "AppService", "caller_thumbprint"]
+# Seconds between looks at the store while a Watch waits for its camera to re-attach (a local
+# attach wakes it at once).
+WAIT_POLLS = (0.25, 0.5, 1.0)
 ROLE_PB = {Role.OWNER: app_pb2.ROLE_OWNER, Role.VIEWER: app_pb2.ROLE_VIEWER}
 
 
@@ -113,14 +116,16 @@ class AppService(app_pb2_grpc.AppServiceServicer):
     async def OpenSession(
         self, request: app_pb2.OpenSessionRequest, context: grpc.aio.ServicerContext
     ) -> app_pb2.OpenSessionResponse:
-        self._rt.require_fresh_feed()
-        opened = await self._rt.run(
-            self._rt.sessions.open,
+        rt = self._rt
+        rt.require_fresh_feed()
+        minted = await rt.run_signing(
+            rt.sessions.mint,
             current_caller().identity,
             caller_thumbprint(),
             request.device_id,
             request.app_ephemeral_public_key,
         )
+        opened = await rt.run(rt.sessions.record_opened, minted)
         return app_pb2.OpenSessionResponse(
             session_id=opened.session_id, token=opened.token, expires_at=opened.expires_at
         )
@@ -140,17 +145,81 @@ class AppService(app_pb2_grpc.AppServiceServicer):
         rt.require_fresh_feed()
         caller = current_caller()
         thumbprint = caller_thumbprint()
-        claims = await rt.run(
-            rt.sessions.verify_for_watch,
-            caller.identity,
+        claims, attachment, holder = await rt.run(
+            self._admit_watch, caller.identity, thumbprint, request
+        )
+        device_id = SpiffeId.parse(claims.audience).device_id  # aud was checked exactly
+        # A camera that is re-attaching (a replica restarting, a reconnect storm) is waited for,
+        # bounded, so that one watcher costs one session instead of one per retry.
+        loop = asyncio.get_running_loop()
+        wait = min(rt.config.watch_wait_seconds, claims.expires_at - now_s(rt.clock))
+        deadline = loop.time() + max(wait, 0.0)
+        polls = 0
+        while True:
+            route = self._route(device_id, attachment, holder)
+            if route == "here":
+                await watch_locally(
+                    rt,
+                    claims.session_id,
+                    device_id,
+                    claims.user_id,
+                    claims.app_id,
+                    claims.expires_at,
+                    request.token,
+                    request.app_ephemeral_public_key,
+                    context.write,
+                )
+                return
+            if route == "forward" and attachment is not None and holder is not None:
+                forwarded = replica_pb2.ForwardWatchRequest(
+                    session_id=request.session_id,
+                    token=request.token,
+                    app_ephemeral_public_key=request.app_ephemeral_public_key,
+                    app_spiffe_id=caller.identity.spiffe_id,
+                    cnf_thumbprint=thumbprint,
+                    attach_epoch=attachment.epoch,
+                )
+                if await self._forward_watch(
+                    context, holder.internal_address, forwarded, may_reroute=True
+                ):
+                    return
+            if self._drain_reason is not None or loop.time() >= deadline:
+                break
+            await rt.presence.wait_attached(
+                device_id, min(WAIT_POLLS[min(polls, len(WAIT_POLLS) - 1)], deadline - loop.time())
+            )
+            polls += 1
+            attachment, holder = await rt.run(self._attachment_of, device_id)
+        # Offline: closed as a local Watch of an unattached camera is (the app opens a new one).
+        await asyncio.shield(
+            rt.run(rt.sessions.record_close, claims.session_id, "watcher left", 0, 0, 0)
+        )
+        raise Unavailable(f"{OFFLINE} (waited {wait:.0f} s)" if wait >= 1 else OFFLINE)
+
+    def _admit_watch(
+        self, identity: Identity, thumbprint: str, request: app_pb2.WatchRequest
+    ) -> tuple[SessionClaims, AttachmentRecord | None, ReplicaRecord | None]:
+        """One core hop for a Watch: verify the session, mark it served here, find the camera."""
+        rt = self._rt
+        claims = rt.sessions.verify_for_watch(
+            identity,
             thumbprint,
             request.session_id,
             request.token,
             request.app_ephemeral_public_key,
         )
-        device_id = SpiffeId.parse(claims.audience).device_id  # aud was checked exactly
-        await rt.run(rt.sessions.served_here, claims.session_id)
-        attachment, holder = await rt.run(self._attachment_of, device_id)
+        rt.sessions.served_here(claims.session_id)
+        attachment, holder = self._attachment_of(SpiffeId.parse(claims.audience).device_id)
+        return claims, attachment, holder
+
+    def _route(
+        self,
+        device_id: str,
+        attachment: AttachmentRecord | None,
+        holder: ReplicaRecord | None,
+    ) -> str:
+        """Where the camera's Attach stream is: "here", "forward" (another replica), or ""."""
+        rt = self._rt
         live_elsewhere = (
             attachment is not None
             and attachment.replica != rt.replica
@@ -163,39 +232,10 @@ class AppService(app_pb2_grpc.AppServiceServicer):
             # attached here a moment ago, its epoch not recorded yet, and held nowhere else
             or (handle.epoch == 0 and not live_elsewhere)
         ):
-            await watch_locally(
-                rt,
-                claims.session_id,
-                device_id,
-                claims.user_id,
-                claims.app_id,
-                claims.expires_at,
-                request.token,
-                request.app_ephemeral_public_key,
-                context.write,
-            )
-            return
-        if (
-            live_elsewhere
-            and attachment is not None
-            and holder is not None
-            and holder.internal_address
-        ):
-            forwarded = replica_pb2.ForwardWatchRequest(
-                session_id=request.session_id,
-                token=request.token,
-                app_ephemeral_public_key=request.app_ephemeral_public_key,
-                app_spiffe_id=caller.identity.spiffe_id,
-                cnf_thumbprint=thumbprint,
-                attach_epoch=attachment.epoch,
-            )
-            await self._forward_watch(context, holder.internal_address, forwarded)
-            return
-        # Offline: closed as a local Watch of an unattached camera is (the app opens a new one).
-        await asyncio.shield(
-            rt.run(rt.sessions.record_close, claims.session_id, "watcher left", 0, 0, 0)
-        )
-        raise Unavailable(OFFLINE)
+            return "here"
+        if live_elsewhere and holder is not None and holder.internal_address:
+            return "forward"
+        return ""
 
     def _attachment_of(
         self, device_id: str
@@ -212,14 +252,19 @@ class AppService(app_pb2_grpc.AppServiceServicer):
         context: grpc.aio.ServicerContext,
         address: str,
         request: replica_pb2.ForwardWatchRequest,
-    ) -> None:
+        *,
+        may_reroute: bool = False,
+    ) -> bool:
         """Relay the holder's StreamEvents to the app unchanged; its status, if it ends with one,
-        becomes this call's status. The holder records the close once it took the session."""
+        becomes this call's status. The holder records the close once it took the session.
+
+        Returns False, having sent the app nothing, when may_reroute and the holder refused a
+        stale epoch before taking the session (the camera moved: route again); True otherwise."""
         if self._drain_reason is not None:  # a Watch set up while the drain began
             reason = self._drain_reason
             await asyncio.shield(self._rt.run(self._rt.sessions.end, [request.session_id], reason))
             await context.write(app_pb2.StreamEvent(end=app_pb2.StreamEnd(reason=reason)))
-            return
+            return True
         call = self._forwarder.forward_watch(address, request)  # no await until registered
         self._forwarded[request.session_id] = call
         taken = False
@@ -234,6 +279,8 @@ class AppService(app_pb2_grpc.AppServiceServicer):
             await context.write(app_pb2.StreamEvent(end=app_pb2.StreamEnd(reason=ending)))
         except grpc.aio.AioRpcError as error:
             taken = taken or holder_took_session(error.initial_metadata())
+            if may_reroute and not taken and error.details() == STALE_EPOCH:
+                return False  # the camera moved after this replica looked: route again
             log.info(
                 "forwarded watch ended session=%s holder=%s code=%s taken=%s",
                 request.session_id,
@@ -260,6 +307,7 @@ class AppService(app_pb2_grpc.AppServiceServicer):
             self._forwarded.pop(request.session_id, None)
             self._ending.pop(request.session_id, None)
             call.cancel()  # the app left: the holder's handler ends and records the close
+        return True
 
     async def close(self) -> None:
         """Close the channels to other replicas (at stop, after the listeners)."""

@@ -39,15 +39,17 @@ class BootstrapService(bootstrap_pb2_grpc.BootstrapServicer):
                 raise InvalidArgument(
                     "send no enrollment_token when enrolling with a birth certificate"
                 )
+            key = await self._rt.run_signing(public_key_from_csr, request.csr_pem)
             enrollment = await self._rt.run(
-                self._rt.devices.enroll_with_birth_certificate,
-                request.csr_pem,
+                self._rt.devices.enroll_key_with_birth_certificate,
+                key,
                 caller.identity.name,
                 caller.serial,
             )
         else:
+            key = await self._rt.run_signing(public_key_from_csr, request.csr_pem)
             enrollment = await self._rt.run(
-                self._rt.devices.enroll_with_token, request.csr_pem, request.enrollment_token
+                self._rt.devices.enroll_key_with_token, key, request.enrollment_token
             )
         return self._response(enrollment)
 

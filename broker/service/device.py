@@ -13,6 +13,7 @@ from broker._proto.broker.v1 import device_pb2, device_pb2_grpc
 from broker.clock import unix
 from broker.errors import BrokerError, InvalidArgument, Unauthenticated
 from broker.pki.ca import authority_key_id, renewal_due_at
+from broker.pki.csr import public_key_from_csr
 from broker.service.convert import trust_bundle_pb
 from broker.service.effects import EffectsApplier
 from broker.service.interceptor import abort_with, current_caller
@@ -54,7 +55,8 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         self, request: device_pb2.RenewCertificateRequest, context: grpc.aio.ServicerContext
     ) -> device_pb2.RenewCertificateResponse:
         caller = current_caller()
-        issued = await self._rt.run(self._rt.devices.renew, caller.identity, request.csr_pem)
+        key = await self._rt.run_signing(public_key_from_csr, request.csr_pem)
+        issued = await self._rt.run(self._rt.devices.renew_key, caller.identity, key)
         # Streams on the old certificate keep running: it stays valid through the grace period.
         return device_pb2.RenewCertificateResponse(
             certificate_chain_pem=issued.chain_pem,
@@ -92,6 +94,7 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
                 self._rt.attachments.attach, device_id, hello.trust_bundle_version
             )
             handle.epoch = attached.epoch
+            self._rt.presence.recorded(handle)  # Watch calls waiting for this camera route now
             self._effects.apply(attached.effects)  # an older stream of this device ends
             await self._greet(context, hello, device_id)
             await self._pump(context, handle)

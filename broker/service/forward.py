@@ -24,6 +24,8 @@ log = logging.getLogger("broker.forward")
 # Initial metadata the holder sends once it has taken the session on its relay: from then on the
 # holder records the session's close (bytes, reason, audit), never the forwarding replica.
 HOLDER_HEADER = "broker-relay-holder"
+# FAILED_PRECONDITION from the holder: the forward's epoch is not the camera's current one.
+STALE_EPOCH = "stale attachment epoch: the camera re-attached; route again"
 
 Stamp = tuple[tuple[int, int, int], ...]
 

@@ -8,6 +8,8 @@ included: INVALID_ARGUMENT, never grpc's UNKNOWN), and where unexpected exceptio
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import inspect
 import logging
@@ -25,6 +27,9 @@ log = logging.getLogger("broker.rpc")
 
 _current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("broker_caller")
 
+# How long a refused stream's first message is waited for (see _take_first_message).
+FIRST_MESSAGE_WAIT = 0.5
+
 Authenticator = Callable[[grpc.aio.ServicerContext, Kind], Awaitable[Caller]]
 
 
@@ -41,9 +46,15 @@ async def abort_with(context: grpc.aio.ServicerContext, error: BrokerError) -> N
 class IdentityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Wraps each handler so it runs only for a caller of the method's one allowed kind."""
 
-    def __init__(self, acl: Mapping[str, Kind], authenticate: Authenticator) -> None:
+    def __init__(
+        self,
+        acl: Mapping[str, Kind],
+        authenticate: Authenticator,
+        shed: Callable[[Kind], None] | None = None,
+    ) -> None:
         self._acl = dict(acl)
         self._authenticate = authenticate
+        self._shed = shed
 
     async def intercept_service(
         self,
@@ -55,7 +66,7 @@ class IdentityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return None
         method = handler_call_details.method
         required = self._acl.get(method)
-        return _wrap(handler, method, required, self._authenticate)
+        return _wrap(handler, method, required, self._authenticate, self._shed)
 
 
 def _message_type(deserializer: Callable[[bytes], Any], method: str) -> str:
@@ -97,11 +108,17 @@ def _writing(inner: Callable[..., Any]) -> Callable[..., Awaitable[None]]:
 
 
 def _wrap(
-    handler: grpc.RpcMethodHandler, method: str, required: Kind | None, authenticate: Authenticator
+    handler: grpc.RpcMethodHandler,
+    method: str,
+    required: Kind | None,
+    authenticate: Authenticator,
+    shed: Callable[[Kind], None] | None,
 ) -> grpc.RpcMethodHandler:
     async def admit(context: grpc.aio.ServicerContext) -> None:
         if required is None or required is Kind.NOBODY:  # default deny
             raise PermissionDenied(f"{method} is not served on this listener")
+        if shed is not None:
+            shed(required)  # before any work: an overloaded broker refuses cheaply and early
         _current_caller.set(await authenticate(context, required))
 
     # Unary requests arrive as bytes (no deserializer) and are decoded after the identity check;
@@ -118,7 +135,13 @@ def _wrap(
         inner_ss = _writing(handler.stream_stream)
 
         async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await _guarded(context, method, admit, lambda: inner_ss(requests, context))
+            return await _guarded(
+                context,
+                method,
+                admit,
+                lambda: inner_ss(requests, context),
+                first_message=context.read,
+            )
 
         return grpc.stream_stream_rpc_method_handler(
             stream_stream, decode, handler.response_serializer
@@ -138,9 +161,12 @@ async def _guarded(
     method: str,
     admit: Callable[[grpc.aio.ServicerContext], Awaitable[None]],
     call: Callable[[], Awaitable[Any]],
+    first_message: Callable[[], Awaitable[Any]] | None = None,
 ) -> Any:
+    admitted = False
     try:
         await admit(context)
+        admitted = True
         return await call()
     except grpc.aio.AbortError:
         raise
@@ -148,6 +174,8 @@ async def _guarded(
         log.info(
             "rpc refused method=%s code=%s reason=%s", method, status_for(error).name, error.message
         )
+        if not admitted and first_message is not None:
+            await _take_first_message(first_message)
         await abort_with(context, error)
     except Exception:
         # Fail closed (I10): log the cause, tell the caller nothing internal.
@@ -155,6 +183,17 @@ async def _guarded(
         await context.abort(
             grpc.StatusCode.INTERNAL, "internal error; the request was not carried out"
         )
+
+
+async def _take_first_message(read: Callable[[], Awaitable[Any]]) -> None:
+    """Read the client's first message (bounded) before refusing a stream it already writes to.
+
+    A grpc.aio client whose write is still in flight when the server's status and RST_STREAM
+    arrive reports INTERNAL "Internal error from Core" instead of that status (grpc/grpc#36066):
+    a camera refused at Attach (busy, unauthenticated) would never see the RetryInfo or the
+    reason. Taking its hello first lets the write complete, so the real status reaches it."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(read(), FIRST_MESSAGE_WAIT)
 
 
 def anonymous_authenticator() -> Authenticator:

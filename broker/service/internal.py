@@ -31,7 +31,7 @@ from broker.pki.replica import ReplicaFiles, ensure_replica_certificate, replica
 from broker.pki.rotation import trusted_issuing
 from broker.protocol.spiffe_id import SpiffeId
 from broker.service.effects import EffectsApplier
-from broker.service.forward import HOLDER_HEADER
+from broker.service.forward import HOLDER_HEADER, STALE_EPOCH
 from broker.service.interceptor import IdentityInterceptor, certificate_authenticator
 from broker.service.peer import Caller, PeerParser
 from broker.service.runtime import Runtime
@@ -40,7 +40,6 @@ from broker.service.watching import watch_locally
 
 log = logging.getLogger("broker.internal")
 
-STALE_EPOCH = "stale attachment epoch: the camera re-attached; route again"
 SERVICE = replica_pb2.DESCRIPTOR.services_by_name["ReplicaService"]
 
 

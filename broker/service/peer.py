@@ -50,12 +50,14 @@ class PeerParser:
 
     def __init__(self, trust_domain: str, issuers: list[x509.Certificate]) -> None:
         self._trust_domain = trust_domain
-        self._issuers = issuers
+        self._issuers = _key_names(issuers)
+        self._issuer_certs = list(issuers)
         self._cache: OrderedDict[tuple[bytes, Kind], Caller | BrokerError] = OrderedDict()
 
     def reset(self, issuers: list[x509.Certificate]) -> None:
         """Trust a new set of issuing CAs (after rotation); forget every cached verdict."""
-        self._issuers = list(issuers)
+        self._issuers = _key_names(issuers)
+        self._issuer_certs = list(issuers)
         self._cache.clear()
 
     def parse(self, pem: bytes, expected: Kind) -> Caller:
@@ -71,10 +73,17 @@ class PeerParser:
             raise hit
         return hit
 
+    def _issued_by_trusted(self, cert: x509.Certificate) -> bool:
+        if _issuer_key_name(cert) in self._issuers:
+            return True  # the common case: no signature check (see _issuer_key_name)
+        # No key identifiers to match (a vendor's factory CA may omit them), or none matched
+        # (then this refuses, at the cost of the signature checks, cached per certificate).
+        return any(_signed_by(cert, issuer) for issuer in self._issuer_certs)
+
     def _parse_uncached(self, pem: bytes, expected: Kind) -> Caller | BrokerError:
         try:
             cert = x509.load_pem_x509_certificate(pem)
-            if not any(_issued_by(cert, issuer) for issuer in self._issuers):
+            if not self._issued_by_trusted(cert):
                 return Unauthenticated("certificate was not issued by a CA this listener trusts")
             if expected is Kind.BIRTH:
                 identity = Identity(Kind.BIRTH, "", birth_device_id(cert))
@@ -87,9 +96,41 @@ class PeerParser:
             return Unauthenticated("peer certificate could not be parsed")
 
 
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+KeyName = tuple[bytes, bytes]  # (DER subject name, key identifier)
+
+
+def _key_names(issuers: list[x509.Certificate]) -> frozenset[KeyName]:
+    """Each trusted issuing CA that has a subjectKeyIdentifier, as (subject, SKI)."""
+    names = set()
+    for issuer in issuers:
+        try:
+            ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        except x509.ExtensionNotFound:
+            continue
+        names.add((issuer.subject.public_bytes(), ski.digest))
+    return frozenset(names)
+
+
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     try:
         cert.verify_directly_issued_by(issuer)
     except (ValueError, TypeError, InvalidSignature):
         return False
     return True
+
+
+def _issuer_key_name(cert: x509.Certificate) -> KeyName | None:
+    """The leaf's (issuer, authorityKeyIdentifier): which CA key signed it.
+
+    No second signature check: TLS already verified the chain, and path building only accepts
+    as the leaf's issuer a certificate whose subject and key identifier match these (RFC 5280
+    4.2.1.1). Every CA certificate that chains to our roots is one we issued, with the key
+    identifier derived from its key, so a match names exactly one trusted issuing key; a leaf
+    of a retired or foreign issuing CA does not match (I1, I7). None without an AKI."""
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return None
+    if aki.key_identifier is None:
+        return None
+    return (cert.issuer.public_bytes(), aki.key_identifier)

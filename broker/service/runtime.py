@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import random
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from broker.cluster.feed import EventFeed
 from broker.config import Config
 from broker.devices.enrollment import DeviceAuthority
 from broker.devices.ownership import Ownership
+from broker.errors import ResourceExhausted
 from broker.pki.reload import PkiReloader
 from broker.pki.trust import TrustBundle
 from broker.sessions.attachments import Attachments
@@ -56,8 +58,15 @@ class Runtime:
         default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="broker-pw")
     )
 
+    # Request checks and signatures (CSR checks, token and certificate signing) run here, so the
+    # core thread, which holds the store's writer, does SQL only.
+    signing_executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="broker-sign")
+    )
+
     crl_source: Callable[[], str] = lambda: ""
     _crl_cache: tuple[float, str] = (0.0, "")
+    _queued: int = 0  # core calls submitted and not yet finished
 
     def current_crl_pem(self) -> str:
         """The CRLs, rebuilt at most once a minute (runs on the core thread)."""
@@ -82,7 +91,29 @@ class Runtime:
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a blocking core call on the core thread and await its result."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+        self._queued += 1
+        try:
+            return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+        finally:
+            self._queued -= 1
+
+    def shed_if_busy(self) -> None:
+        """Refuse a new call cheaply, before any work, while the core thread is this far behind:
+        RESOURCE_EXHAUSTED with a jittered RetryInfo spreads the retries instead of queueing
+        calls that would time out half way (and be retried, each a full handshake)."""
+        limit = self.config.core_queue_limit
+        if limit and self._queued >= limit:
+            raise ResourceExhausted(
+                f"broker busy ({self._queued} calls queued); retry after the RetryInfo delay",
+                retry_after_seconds=random.randint(1, 3),  # noqa: S311 (spreading, not a secret)
+            )
+
+    async def run_signing(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a store-free check or signature on the signing thread (not the core thread)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.signing_executor, functools.partial(fn, *args, **kwargs)
+        )
 
     async def run_slow(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a CPU-heavy call (password hashing) on its own pool."""

@@ -49,6 +49,7 @@ class Presence:
 
     def __init__(self) -> None:
         self._by_device: dict[str, AttachHandle] = {}
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
 
     def attach(
         self, device_id: str, serial: str, chain_pem: str = "", issuer_ski: str = ""
@@ -60,6 +61,27 @@ class Presence:
         handle = AttachHandle(device_id, serial, chain_pem, issuer_ski)
         self._by_device[device_id] = handle
         return handle
+
+    def recorded(self, handle: AttachHandle) -> None:
+        """handle's attachment is in the store (its epoch known): wake Watch calls waiting for it."""
+        for waiter in self._waiters.pop(handle.device_id, []):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait_attached(self, device_id: str, timeout: float) -> None:
+        """Return when the device's attachment here is recorded, or after timeout seconds."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(device_id, []).append(waiter)
+        try:
+            await asyncio.wait_for(waiter, max(timeout, 0.0))
+        except TimeoutError:
+            pass
+        finally:
+            waiters = self._waiters.get(device_id, [])
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters:
+                self._waiters.pop(device_id, None)
 
     def detach(self, handle: AttachHandle) -> None:
         """Forget a stream that has finished (only if it is still the registered one)."""

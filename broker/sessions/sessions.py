@@ -69,6 +69,17 @@ class OpenedSession:
     expires_at: int
 
 
+@dataclass(frozen=True, slots=True)
+class MintedSession:
+    """A validated OpenSession with its signed token, not yet recorded (the token must not
+    leave the broker unless record_opened succeeds)."""
+
+    caller: Identity
+    record: SessionRecord
+    token: str
+    at_ms: int
+
+
 class Sessions:
     """Mints session tokens for granted (user, device) pairs and checks them again at Watch."""
 
@@ -90,6 +101,14 @@ class Sessions:
         self, caller: Identity, cnf_thumbprint: str, device_id: str, app_ephemeral_key: bytes
     ) -> OpenedSession:
         """Record a session for (caller's user, device) and mint its token; deny without a grant."""
+        return self.record_opened(self.mint(caller, cnf_thumbprint, device_id, app_ephemeral_key))
+
+    def mint(
+        self, caller: Identity, cnf_thumbprint: str, device_id: str, app_ephemeral_key: bytes
+    ) -> MintedSession:
+        """Validate an OpenSession request and sign its token, without touching the store (runs
+        off the writer thread). The token is handed out only by record_opened, once the grant
+        is checked and the session recorded."""
         if caller.kind is not Kind.APP:  # I9: operators and devices never get sessions
             raise PermissionDenied("sessions are only for app instances")
         validate_device_id(device_id)
@@ -112,37 +131,43 @@ class Sessions:
             cnf_thumbprint,
             replica=self._config.replica_name,
         )
+        claims = SessionClaims(
+            issuer=self._config.broker_spiffe_id,
+            user_id=caller.name,
+            audience=device(self._config.trust_domain, device_id).spiffe_id,
+            session_id=session_id,
+            scope=SCOPE_VIEW,
+            issued_at=now,
+            expires_at=expires_at,
+            cnf_thumbprint=cnf_thumbprint,
+            ephemeral_key_hash=key_hash(app_ephemeral_key),
+            app_id=caller.app_id,
+        )
         at_ms = int(self._clock.now().timestamp() * 1000)
+        return MintedSession(caller, record, self._keyring.sign(claims), at_ms)
+
+    def record_opened(self, minted: MintedSession) -> OpenedSession:
+        """The store half of OpenSession (writer thread): check the grant, record the session and
+        its audit entry, and only then release the token; a denial is recorded and raised."""
+        caller, record, at_ms = minted.caller, minted.record, minted.at_ms
+        session_id, device_id, now = record.session_id, record.device_id, record.opened_at
 
         def opening(tx: Transaction) -> OpenedSession | PermissionDenied:
             try:
                 require_grant(tx, caller.name, device_id, now)
             except PermissionDenied as denied:
                 return denied
-            else:
-                tx.insert_session(record)
-                tx.append_audit(
-                    AuditEvent(
-                        caller.spiffe_id,
-                        "session.opened",
-                        device_id,
-                        {"session_id": session_id, "user_id": caller.name, "app_id": caller.app_id},
-                    ),
-                    at_ms,
-                )
-                claims = SessionClaims(
-                    issuer=self._config.broker_spiffe_id,
-                    user_id=caller.name,
-                    audience=device(self._config.trust_domain, device_id).spiffe_id,
-                    session_id=session_id,
-                    scope=SCOPE_VIEW,
-                    issued_at=now,
-                    expires_at=expires_at,
-                    cnf_thumbprint=cnf_thumbprint,
-                    ephemeral_key_hash=key_hash(app_ephemeral_key),
-                    app_id=caller.app_id,
-                )
-                return OpenedSession(session_id, self._keyring.sign(claims), expires_at)
+            tx.insert_session(record)
+            tx.append_audit(
+                AuditEvent(
+                    caller.spiffe_id,
+                    "session.opened",
+                    device_id,
+                    {"session_id": session_id, "user_id": caller.name, "app_id": caller.app_id},
+                ),
+                at_ms,
+            )
+            return OpenedSession(session_id, minted.token, record.expires_at)
 
         opened = self._store.run(opening)
         if isinstance(opened, OpenedSession):
@@ -160,7 +185,7 @@ class Sessions:
                     now,
                     SessionOutcome.DENIED,
                     denial.message,
-                    cnf_thumbprint,
+                    record.cnf_thumbprint,
                 )
             )
             tx.append_audit(

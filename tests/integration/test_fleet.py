@@ -52,7 +52,7 @@ from broker.client.simcam import SimulatedCamera, parse_payload
 from broker.config import Config
 from broker.devices.ownership import CLAIM_REFUSED
 from broker.pki.ca import PkiFiles
-from broker.service.internal import STALE_EPOCH
+from broker.service.forward import STALE_EPOCH
 from broker.store import AttachmentRecord, Role, SessionOutcome, SessionRecord, Store, Transaction
 from broker.store.open import open_store
 from tests.helpers import PASSWORD, csr_for, key_pem, mtls_channel, p256

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from broker.service.internal import (
 )
 from broker.service.watching import OFFLINE
 from broker.sessions.relay import FrameVerdict
-from broker.store import CertStatus
+from broker.store import CertStatus, SessionOutcome
 from tests.conftest import start_broker, stop_broker
 from tests.helpers import (
     PASSWORD,
@@ -99,6 +100,9 @@ def _wire_internal(broker: RunningBroker) -> Replica:
     return Replica(broker, f"127.0.0.1:{port}", server)
 
 
+WATCH_WAIT = 3.0  # how long a Watch waits for a camera that is not attached (config)
+
+
 @dataclass
 class Fleet:
     r1: Replica
@@ -112,8 +116,11 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
         store_url = ""
         if integration_backend() == "postgres":
             store_url = stack.enter_context(fresh_database())
-        b1 = start_broker(tmp_path, store_url=store_url, replica_name="r1")
-        b2 = start_broker(tmp_path, b1.clock, store_url=store_url, replica_name="r2")
+        wait = WATCH_WAIT
+        b1 = start_broker(tmp_path, store_url=store_url, replica_name="r1", watch_wait_seconds=wait)
+        b2 = start_broker(
+            tmp_path, b1.clock, store_url=store_url, replica_name="r2", watch_wait_seconds=wait
+        )
         replicas = [_wire_internal(b1), _wire_internal(b2)]
         try:
             yield Fleet(*replicas)
@@ -230,7 +237,9 @@ def test_holder_refusal_reaches_the_app_with_its_status_and_message(fleet, tmp_p
     asyncio.run(scenario())
 
 
-def test_watch_on_r2_of_a_camera_attached_nowhere_is_unavailable(fleet, tmp_path):
+def test_watch_on_r2_of_a_camera_attached_nowhere_is_unavailable_after_the_wait(fleet, tmp_path):
+    """The Watch waits (bounded by watch_wait_seconds) for the camera, then fails UNAVAILABLE
+    saying so; the session is closed "watcher left", no stream was started."""
     device_id = "cam-fwd-off"
 
     async def scenario() -> None:
@@ -240,11 +249,47 @@ def test_watch_on_r2_of_a_camera_attached_nowhere_is_unavailable(fleet, tmp_path
             await sdk_camera(b1, operator, tmp_path / device_id, device_id, owner=app)
         ticket = await app.open_session(device_id)
         watcher = Watcher(app, ticket)
+        started = time.monotonic()
         watcher.task = asyncio.create_task(watcher._run())
-        await eventually(lambda: watcher.error is not None)
+        await eventually(lambda: watcher.error is not None, WATCH_WAIT + 5)
+        waited = time.monotonic() - started
         assert isinstance(watcher.error, grpc.aio.AioRpcError)
         assert watcher.error.code() is grpc.StatusCode.UNAVAILABLE
-        assert watcher.error.details() == OFFLINE
+        assert watcher.error.details() == f"{OFFLINE} (waited {WATCH_WAIT:.0f} s)"
+        assert WATCH_WAIT - 0.1 <= waited < WATCH_WAIT + 3, waited
+        record = read_store(b2, lambda tx: tx.get_session(ticket.session_id))
+        assert (record.outcome, record.reason, record.bytes) == (
+            SessionOutcome.ENDED,
+            "watcher left",
+            0,
+        )
+
+    asyncio.run(scenario())
+
+
+def test_watch_waits_for_a_camera_that_attaches_and_costs_one_session(fleet, tmp_path):
+    """A viewer whose camera is between replicas (here: not attached yet) is not refused at once:
+    its Watch on r2 waits, the camera attaches to r1, and the same session streams. One watcher,
+    one session (issue 12: no session per retry)."""
+    device_id = "cam-fwd-late"
+
+    async def scenario() -> None:
+        b1, b2 = fleet.r1.broker, fleet.r2.broker
+        app = await sdk_app(b2, tmp_path / "app-late", "owner-late")
+        with operator_channel_of(b1) as operator:
+            camera = await sdk_camera(b1, operator, tmp_path / device_id, device_id, owner=app)
+        ticket = await app.open_session(device_id)
+        watcher = Watcher(app, ticket)
+        watcher.task = asyncio.create_task(watcher._run())
+        await asyncio.sleep(0.6)  # the Watch is waiting: past the first look at the store
+        assert watcher.error is None and not watcher.frames
+        task = await start_camera(camera)
+        await watcher.wait_for(3, WATCH_WAIT + 5)
+        watcher.assert_intact()
+        sessions = read_store(b1, lambda tx: [r for r in tx.open_sessions(device_id=device_id)])
+        assert [r.session_id for r in sessions] == [ticket.session_id]
+        await watcher.stop()
+        await stop_task(task)
 
     asyncio.run(scenario())
 
