@@ -55,6 +55,9 @@ class IdentityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._acl = dict(acl)
         self._authenticate = authenticate
         self._shed = shed
+        # Wrapped handlers by method, built once: wrapping per call cost a handler object, its
+        # closures and a decoder lookup on every RPC.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -65,8 +68,12 @@ class IdentityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return None
         method = handler_call_details.method
-        required = self._acl.get(method)
-        return _wrap(handler, method, required, self._authenticate, self._shed)
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = _wrap(handler, method, self._acl.get(method), self._authenticate, self._shed)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
 
 def _message_type(deserializer: Callable[[bytes], Any], method: str) -> str:
