@@ -75,6 +75,7 @@ from bench.harness.fleet import (
     Handlers,
     count_unretrieved,
     device_client,
+    measured_window,
     parse_stamp,
     split,
     stamped_payload,
@@ -740,30 +741,9 @@ async def relay_peer_client(
         tasks = [
             asyncio.create_task(receive(app, w)) for app, w in zip(apps, watchers, strict=False)
         ]
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(everyone.wait(), 60)
-        setup = time.monotonic() - started
-        await asyncio.sleep(warmup)
-        cpu0 = {pid: pid_cpu(pid) for pid in pids}
-        machine = MachineWindow()
-        window[:] = [time.monotonic(), time.monotonic() + duration]
-        await asyncio.sleep(duration)
-        wall = time.monotonic() - window[0]
-        cpu = {pid: pid_cpu(pid) - cpu0[pid] for pid in pids}
-        machine.stop()
-        await asyncio.wait(tasks, timeout=10)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        return {
-            "latencies": latencies,
-            "wall": wall,
-            "setup": setup,
-            "cpu": cpu,
-            "watchers": [dataclasses.asdict(w) for w in watchers],
-            "machine": machine.busy,
-            "steal": machine.steal,
-        }
+        return await measured_window(
+            tasks, everyone, started, warmup, duration, window, pids, latencies, watchers
+        )
 
     relay_close: Callable[[], Any] = handlers["close"]
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import sys
 import time
@@ -33,10 +32,17 @@ import grpc
 
 from bench.harness.broker import BrokerChild
 from bench.harness.cli import bench_parser, parse
-from bench.harness.fleet import Clients, app_client, device_client, parse_stamp, stamped_camera
+from bench.harness.fleet import (
+    Clients,
+    app_client,
+    device_client,
+    measured_window,
+    parse_stamp,
+    stamped_camera,
+)
 from bench.harness.profiling import PROFILES, Spy, py_spy_binary
 from bench.harness.provision import CHEAP_ARGON2, App, Camera, bench_home, elapsed, provision
-from bench.harness.stats import NCPU, MachineWindow, median, pct, pid_cpu, pid_memory, wait_quiet
+from bench.harness.stats import NCPU, median, pct, pid_memory, wait_quiet
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,30 +146,9 @@ async def watch_run(
         asyncio.create_task(watch(app, device_id, w))
         for (app, device_id), w in zip(clients, watchers, strict=True)
     ]
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(everyone.wait(), 60)
-    setup = time.monotonic() - started
-    await asyncio.sleep(warmup)
-    cpu0 = {pid: pid_cpu(pid) for pid in pids}
-    machine = MachineWindow()
-    window[:] = [time.monotonic(), time.monotonic() + duration]
-    await asyncio.sleep(duration)
-    wall = time.monotonic() - window[0]
-    cpu = {pid: pid_cpu(pid) - cpu0[pid] for pid in pids}
-    machine.stop()
-    await asyncio.wait(tasks, timeout=10)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    return {
-        "latencies": latencies,
-        "wall": wall,
-        "setup": setup,
-        "cpu": cpu,
-        "watchers": [dataclasses.asdict(w) for w in watchers],
-        "machine": machine.busy,
-        "steal": machine.steal,
-    }
+    return await measured_window(
+        tasks, everyone, started, warmup, duration, window, pids, latencies, watchers
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -123,4 +123,26 @@ def from_environment(home: Path | None = None) -> Config:
     if "BROKER_SERVER_NAMES" in env:
         names = tuple(n.strip() for n in env["BROKER_SERVER_NAMES"].split(",") if n.strip())
         overrides["server_names"] = names
+    for var, (name, parse) in NUMBER_FIELDS.items():
+        if var in env:
+            overrides[name] = _number(var, env[var], parse)
     return cfg.with_overrides(**overrides) if overrides else cfg
+
+
+# Load knobs an operator may set without code: variable -> (field, type).
+NUMBER_FIELDS: dict[str, tuple[str, type[int] | type[float]]] = {
+    "BROKER_WATCH_WAIT_SECONDS": ("watch_wait_seconds", float),
+    "BROKER_CORE_QUEUE_LIMIT": ("core_queue_limit", int),
+    "BROKER_DRAIN_WINDOW_SECONDS": ("drain_window_seconds", float),
+}
+
+
+def _number(var: str, raw: str, parse: type[int] | type[float]) -> int | float:
+    try:
+        value = parse(raw)
+    except ValueError:
+        kind = "an integer" if parse is int else "a number"
+        raise ValueError(f"{var}={raw!r}: expected {kind}") from None
+    if value < 0:
+        raise ValueError(f"{var}={raw!r} must not be negative")
+    return value

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import multiprocessing as mp
 import os
@@ -25,7 +26,7 @@ from typing import Any
 import grpc
 
 from bench.harness.provision import App, Camera
-from bench.harness.stats import raise_nofile
+from bench.harness.stats import MachineWindow, pid_cpu, raise_nofile
 
 Handlers = dict[str, Callable[..., Any]]
 
@@ -236,3 +237,43 @@ def count_unretrieved(counts: Any, key: str = "SDK write errors nobody retrieved
             loop.default_exception_handler(context)
 
     loop.set_exception_handler(handler)
+
+
+async def measured_window(
+    tasks: list[asyncio.Task[Any]],
+    everyone: asyncio.Event,
+    started: float,
+    warmup: float,
+    duration: float,
+    window: list[float],
+    pids: list[int],
+    latencies: list[int],
+    watchers: list[Any],
+) -> dict[str, Any]:
+    """The watchers' measured window (relay benchmarks): wait until every watcher has its first
+    frame (bounded), warm up, then set window to [start, end] (the watchers record latencies
+    inside it) and sample the processes' CPU and the machine around it; stop the watchers."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(everyone.wait(), 60)
+    setup = time.monotonic() - started
+    await asyncio.sleep(warmup)
+    cpu0 = {pid: pid_cpu(pid) for pid in pids}
+    machine = MachineWindow()
+    window[:] = [time.monotonic(), time.monotonic() + duration]
+    await asyncio.sleep(duration)
+    wall = time.monotonic() - window[0]
+    cpu = {pid: pid_cpu(pid) - cpu0[pid] for pid in pids}
+    machine.stop()
+    await asyncio.wait(tasks, timeout=10)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return {
+        "latencies": latencies,
+        "wall": wall,
+        "setup": setup,
+        "cpu": cpu,
+        "watchers": [dataclasses.asdict(w) for w in watchers],
+        "machine": machine.busy,
+        "steal": machine.steal,
+    }
