@@ -160,11 +160,8 @@ class AppService(app_pb2_grpc.AppServiceServicer):
             if route == "here":
                 await watch_locally(
                     rt,
-                    claims.session_id,
+                    claims,
                     device_id,
-                    claims.user_id,
-                    claims.app_id,
-                    claims.expires_at,
                     request.token,
                     request.app_ephemeral_public_key,
                     context.write,
@@ -189,7 +186,11 @@ class AppService(app_pb2_grpc.AppServiceServicer):
                 device_id, min(WAIT_POLLS[min(polls, len(WAIT_POLLS) - 1)], deadline - loop.time())
             )
             polls += 1
-            attachment, holder = await rt.run(self._attachment_of, device_id)
+            # Checked again, not only located: a revocation while this Watch waited ended the
+            # session in the store, and nothing is streamed for it (I7).
+            claims, attachment, holder = await rt.run(
+                self._verify_and_locate, caller.identity, thumbprint, request
+            )
         # Offline: closed as a local Watch of an unattached camera is (the app opens a new one).
         await asyncio.shield(
             rt.run(rt.sessions.record_close, claims.session_id, "watcher left", 0, 0, 0)
@@ -200,15 +201,22 @@ class AppService(app_pb2_grpc.AppServiceServicer):
         self, identity: Identity, thumbprint: str, request: app_pb2.WatchRequest
     ) -> tuple[SessionClaims, AttachmentRecord | None, ReplicaRecord | None]:
         """One core hop for a Watch: verify the session, mark it served here, find the camera."""
-        rt = self._rt
-        claims = rt.sessions.verify_for_watch(
+        claims, attachment, holder = self._verify_and_locate(identity, thumbprint, request)
+        self._rt.sessions.served_here(claims.session_id)
+        return claims, attachment, holder
+
+    def _verify_and_locate(
+        self, identity: Identity, thumbprint: str, request: app_pb2.WatchRequest
+    ) -> tuple[SessionClaims, AttachmentRecord | None, ReplicaRecord | None]:
+        """The session verified (token, binding, record still open, grant) and its camera's
+        attachment (core thread)."""
+        claims = self._rt.sessions.verify_for_watch(
             identity,
             thumbprint,
             request.session_id,
             request.token,
             request.app_ephemeral_public_key,
         )
-        rt.sessions.served_here(claims.session_id)
         attachment, holder = self._attachment_of(SpiffeId.parse(claims.audience).device_id)
         return claims, attachment, holder
 

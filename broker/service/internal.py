@@ -78,11 +78,8 @@ class ReplicaService(replica_pb2_grpc.ReplicaServiceServicer):
 
         await watch_locally(
             rt,
-            claims.session_id,
+            claims,
             device_id,
-            claims.user_id,
-            claims.app_id,
-            claims.expires_at,
             request.token,
             request.app_ephemeral_public_key,
             context.write,

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from broker._proto.broker.v1 import app_pb2
 from broker.errors import Unavailable
+from broker.protocol.tokens import SessionClaims
 from broker.service.runtime import Runtime
 from broker.sessions.relay import LiveSession, Rejected
 
@@ -63,22 +64,22 @@ async def serve_session(
 
 async def watch_locally(
     rt: Runtime,
-    session_id: str,
+    claims: SessionClaims,
     device_id: str,
-    user_id: str,
-    app_id: str,
-    expires_at: int,
     request_token: str,
     app_key: bytes,
     write: Write,
     *,
     on_open: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Register the watcher, serve the session, and record its close (bytes, reason, audit).
+    """Register the watcher of the verified session claims, serve it, and record its close
+    (bytes, reason, audit).
 
     on_open runs once the session is registered on this relay (from then on its close is recorded
     here, whatever happens next)."""
-    live = rt.relay.open(session_id, device_id, user_id, app_id, expires_at)
+    live = rt.relay.open(
+        claims.session_id, device_id, claims.user_id, claims.app_id, claims.expires_at
+    )
     try:
         if on_open is not None:
             await on_open()

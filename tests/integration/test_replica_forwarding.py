@@ -294,6 +294,41 @@ def test_watch_waits_for_a_camera_that_attaches_and_costs_one_session(fleet, tmp
     asyncio.run(scenario())
 
 
+def test_i7_a_share_revoked_while_the_watch_waits_is_refused_and_streams_nothing(fleet, tmp_path):
+    """The guest's Watch on r2 waits for a camera that is not attached; the owner revokes the
+    share meanwhile. The waiting Watch re-verifies the session at its next look and ends
+    PERMISSION_DENIED; when the camera attaches afterwards, nothing is streamed to the guest."""
+    device_id = "cam-fwd-revoked"
+
+    async def scenario() -> None:
+        b1, b2 = fleet.r1.broker, fleet.r2.broker
+        owner = await sdk_app(b2, tmp_path / "app-rv-owner", "owner-rv")
+        guest = await sdk_app(b2, tmp_path / "app-rv-guest", "guest-rv")
+        with operator_channel_of(b1) as operator:
+            camera = await sdk_camera(b1, operator, tmp_path / device_id, device_id, owner=owner)
+        await owner.share(device_id, "guest-rv")
+        ticket = await guest.open_session(device_id)
+        watcher = Watcher(guest, ticket)
+        watcher.task = asyncio.create_task(watcher._run())
+        await asyncio.sleep(0.4)  # waiting for the camera
+        assert watcher.error is None and watcher.end_reason is None
+        revoked_at = time.monotonic()
+        assert await owner.revoke_share(device_id, "guest-rv") == 1
+        await eventually(lambda: watcher.error is not None, WATCH_WAIT)
+        assert time.monotonic() - revoked_at < 1.5  # the next look at the store, at most 1 s
+        assert isinstance(watcher.error, grpc.aio.AioRpcError)
+        assert watcher.error.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert watcher.error.details() == "no open session with that id"
+        task = await start_camera(camera)
+        await asyncio.sleep(0.5)
+        assert watcher.frames == []
+        record = read_store(b2, lambda tx: tx.get_session(ticket.session_id))
+        assert (record.outcome, record.reason) == (SessionOutcome.ENDED, "share revoked")
+        await stop_task(task)
+
+    asyncio.run(scenario())
+
+
 # -- the holder re-checks: a forged forward with a stale epoch ------------------------------------
 
 
