@@ -132,38 +132,12 @@ def find_cfssl(name: str) -> tuple[str | None, str]:
 
 def cfssl_ca(directory: Path) -> dict[str, Path]:
     """A fresh P-256 CA (certificate, key) and a minimal cfssl config in directory."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.x509.oid import NameOID
+    from cryptography.hazmat.primitives import serialization
 
-    from broker.pki.ca import new_key
+    from broker.pki.ca import make_root, new_key
 
     key = new_key()
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench cfssl CA")])
-    now = dt.datetime.now(dt.UTC)
-    usage = x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=True,
-        crl_sign=True,
-        encipher_only=False,
-        decipher_only=False,
-    )
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(usage, critical=True)
-        .sign(key, hashes.SHA256())
-    )
+    certificate = make_root(key, "bench cfssl CA", dt.datetime.now(dt.UTC))
     paths = {n: directory / f for n, f in (("ca", "ca.pem"), ("key", "ca-key.pem"))}
     paths["config"] = directory / "cfssl-config.json"
     paths["ca"].write_bytes(certificate.public_bytes(serialization.Encoding.PEM))

@@ -58,8 +58,9 @@ class Runtime:
         default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="broker-pw")
     )
 
-    # Request checks and signatures (CSR checks, token and certificate signing) run here, so the
-    # core thread, which holds the store's writer, does SQL only.
+    # Store-free request work (CSR checks, session-token signing) runs here, off the core thread
+    # that holds the store's writer. Certificates are still signed inside the writer's
+    # transaction: a token enrollment learns its device id from the token there.
     signing_executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="broker-sign")
     )
