@@ -67,7 +67,7 @@ from typing import Any
 
 import grpc
 
-from bench.harness.broker import BrokerChild, free_ports
+from bench.harness.broker import BrokerChild, free_ports, stop_child
 from bench.harness.cli import bench_parser, parse
 from bench.harness.fleet import (
     Clients,
@@ -449,13 +449,7 @@ class ForwarderChild:
         self.address = f"127.0.0.1:{port}"
 
     def stop(self) -> None:
-        with contextlib.suppress(OSError, EOFError):
-            self._conn.send("stop")
-            if self._conn.poll(10):
-                self._conn.recv()
-        self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.kill()
+        stop_child(self._conn, self.proc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,18 +535,25 @@ def timed_burst(
     )
 
 
+def attach_burst(
+    broker: BrokerChild, clients: Clients, args: argparse.Namespace, settle: float
+) -> Burst:
+    """The clients' burst of new connections + Attach against broker, timed."""
+    addresses = (broker.bootstrap, broker.main)
+    return timed_burst(
+        "broker",
+        clients,
+        broker.pid,
+        ("attach", addresses, "main", args.concurrency, args.attempt_timeout),
+        ("attach", addresses, "warm", args.concurrency, args.attempt_timeout),
+        settle,
+    )
+
+
 def broker_burst(config: Config, clients: Clients, args: argparse.Namespace) -> Burst:
     broker = BrokerChild(config.home, CHEAP_ARGON2)
     try:
-        addresses = (broker.bootstrap, broker.main)
-        burst = timed_burst(
-            "broker",
-            clients,
-            broker.pid,
-            ("attach", addresses, "main", args.concurrency, args.attempt_timeout),
-            ("attach", addresses, "warm", args.concurrency, args.attempt_timeout),
-            args.settle,
-        )
+        burst = attach_burst(broker, clients, args, args.settle)
         deadline = time.monotonic() + 15  # the cameras left: let the broker see them go
         while broker.stats()["online"] and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -927,15 +928,7 @@ def conn_pairs(
                         ["--threads", "--nonblocking"],
                         "threads",
                     )
-                    addresses = (broker.bootstrap, broker.main)
-                    burst = timed_burst(
-                        "broker",
-                        clients,
-                        broker.pid,
-                        ("attach", addresses, "main", args.concurrency, args.attempt_timeout),
-                        ("attach", addresses, "warm", args.concurrency, args.attempt_timeout),
-                        0.5,
-                    )
+                    burst = attach_burst(broker, clients, args, 0.5)
                     print(f"\n  profile (not in the figures): {burst.rate:,.0f} connects/s")
                     spy.stop()
                 finally:

@@ -65,7 +65,7 @@ import grpc
 from bench.enroll import Load as EnrollLoad
 from bench.enroll import enroll_client
 from bench.harness import stores as backends
-from bench.harness.broker import Broker, free_ports
+from bench.harness.broker import Broker, free_ports, stop_child
 from bench.harness.cli import bench_parser, parse
 from bench.harness.fleet import Clients, Deferred, split
 from bench.harness.profiling import profiled_runs, py_spy_binary
@@ -350,13 +350,7 @@ class EchoServer:
         return stats
 
     def stop(self) -> None:
-        with contextlib.suppress(OSError, EOFError):
-            self._conn.send("stop")
-            if self._conn.poll(10):
-                self._conn.recv()
-        self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.kill()
+        stop_child(self._conn, self.proc)
 
 
 async def echo_client(

@@ -24,6 +24,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -220,21 +221,27 @@ class BrokerChild:
         self.proc.join(10)
 
     def stop(self) -> None:
-        if not self.proc.is_alive():
-            return
-        with contextlib.suppress(OSError, EOFError, BrokenPipeError):
-            self._conn.send("stop")
-            if self._conn.poll(30):
-                self._conn.recv()
-        self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.kill()
+        stop_child(self._conn, self.proc, answer_within=30)
 
 
 # ---------------------------------------------------------------------------------------------
 # the broker as shipped from its command line: `broker serve [--workers N]`
 # ---------------------------------------------------------------------------------------------
 PUBLIC = ("bootstrap", "main", "factory")
+
+
+def stop_child(conn: Connection, proc: BaseProcess, answer_within: float = 10) -> None:
+    """Stop a server child driven over a pipe: ask it ("stop"), wait for its answer and exit,
+    kill it if it does not go."""
+    if not proc.is_alive():
+        return
+    with contextlib.suppress(OSError, EOFError, BrokenPipeError):
+        conn.send("stop")
+        if conn.poll(answer_within):
+            conn.recv()
+    proc.join(10)
+    if proc.is_alive():
+        proc.kill()
 
 
 def free_ports(names: tuple[str, ...] = PUBLIC) -> dict[str, int]:

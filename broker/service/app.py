@@ -44,8 +44,8 @@ class AppService(app_pb2_grpc.AppServiceServicer):
         self._forwarder = ForwardClient(runtime.config)
         # Watch calls this replica forwards to a holder, by session id; ended by drain().
         self._forwarded: dict[str, grpc.aio.UnaryStreamCall] = {}
-        self._ending: dict[str, str] = {}
-        self._drain_reason: str | None = None
+        self._drain_reason: str | None = None  # set by drain(): the reason every Watch ends with
+        self._ended_by_drain: set[str] = set()  # forwarded calls drain() cancelled
 
     async def RenewCertificate(
         self, request: app_pb2.RenewAppCertificateRequest, context: grpc.aio.ServicerContext
@@ -281,10 +281,10 @@ class AppService(app_pb2_grpc.AppServiceServicer):
                 taken = True
                 await context.write(event)
         except asyncio.CancelledError:
-            ending = self._ending.pop(request.session_id, None)
-            if ending is None:
+            if request.session_id not in self._ended_by_drain or self._drain_reason is None:
                 raise  # the app hung up
-            await context.write(app_pb2.StreamEvent(end=app_pb2.StreamEnd(reason=ending)))
+            end = app_pb2.StreamEnd(reason=self._drain_reason)
+            await context.write(app_pb2.StreamEvent(end=end))
         except grpc.aio.AioRpcError as error:
             taken = taken or holder_took_session(error.initial_metadata())
             if may_reroute and not taken and error.details() == STALE_EPOCH:
@@ -313,7 +313,7 @@ class AppService(app_pb2_grpc.AppServiceServicer):
             await context.abort(error.code(), error.details() or "", details)
         finally:
             self._forwarded.pop(request.session_id, None)
-            self._ending.pop(request.session_id, None)
+            self._ended_by_drain.discard(request.session_id)
             call.cancel()  # the app left: the holder's handler ends and records the close
         return True
 
@@ -328,8 +328,7 @@ class AppService(app_pb2_grpc.AppServiceServicer):
         how many were ended."""
         self._drain_reason = reason
         calls = dict(self._forwarded)
-        for session_id in calls:
-            self._ending[session_id] = reason
+        self._ended_by_drain.update(calls)
         await self._rt.run(self._rt.sessions.end, sorted(calls), reason)
         for call in calls.values():
             call.cancel()
