@@ -6,7 +6,7 @@ BROKER := $(VENV)/bin/broker
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run demo test lint proto certs db-migrate enroll-token factory-batch revoke-device revoke-app devices audit-verify crl rotate-server-cert rotate-intermediate rotate-root retire-root rotate-token-key rotation-status bench cluster rolling-restart clean
+.PHONY: help venv run demo test lint proto certs db-migrate enroll-token factory-batch revoke-device revoke-app devices audit-verify crl rotate-server-cert rotate-intermediate rotate-root retire-root rotate-token-key rotation-status fleet-audit bench cluster rolling-restart clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -87,6 +87,9 @@ rotation-status: $(STAMP) ## how many cameras hold the current trust bundle
 
 devices: $(STAMP) ## list devices with state and online status
 	@$(BROKER) device list
+
+fleet-audit: $(STAMP) ## [JSON=1] [SINCE=<s>] clones, key reuse, revoked callers, expiring offline certs, relay alarms, session fan-out
+	@$(BROKER) fleet-audit $(if $(JSON),--json,) $(if $(SINCE),--since "$(SINCE)",)
 
 audit-verify: $(STAMP) ## [STORE=...] check the audit log's hash chain
 	@$(if $(STORE),BROKER_STORE="$(STORE)" ,)$(BROKER) audit verify

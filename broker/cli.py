@@ -59,6 +59,10 @@ def _serve_config(args: argparse.Namespace) -> Config:
         changes["so_reuseport"] = True
     if args.drain_window is not None:
         changes["drain_window_seconds"] = args.drain_window
+    if args.metrics_address is not None:
+        changes["metrics_address"] = args.metrics_address
+    if args.log_format:
+        changes["log_format"] = args.log_format
     return config.with_overrides(**changes) if changes else config
 
 
@@ -127,6 +131,14 @@ def _worker_command(args: argparse.Namespace, config: Config, name: str) -> list
     command += ["--replica", name, "--internal", f"{internal_host}:0", "--so-reuseport"]
     if args.drain_window is not None:
         command += ["--drain-window", str(args.drain_window)]
+    if args.log_format:
+        command += ["--log-format", args.log_format]
+    # Replica i (1-based) serves metrics on the configured port + i - 1 (port 0 stays 0), so
+    # a static scrape config lists 9464, 9465, ... ("" keeps metrics off in every replica).
+    from broker.service.metrics import offset_port
+
+    index = _worker_names(args).index(name)
+    command += ["--metrics-address", offset_port(config.metrics_address, index)]
     return command
 
 
@@ -422,6 +434,21 @@ def cmd_rotation_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fleet_audit(args: argparse.Namespace) -> int:
+    from broker.service.fleet import report_from_pb, report_json, report_text
+
+    with _admin(args) as admin:
+        response = admin.fleet_audit(
+            args.since,
+            expiring_within_seconds=args.expiring_within,
+            fanout_min_devices=args.fanout_devices,
+            fanout_window_seconds=args.fanout_window,
+        )
+    report = report_from_pb(response)
+    print(report_json(report) if args.json else report_text(report))
+    return 0
+
+
 def cmd_revoke_app(args: argparse.Namespace) -> int:
     with _admin(args) as admin:
         response = admin.revoke_app(args.app_id, args.reason)
@@ -502,8 +529,36 @@ def _add_serve_parser(sub: Any, store_help: str) -> None:
         type=float,
         help="SIGTERM: seconds over which cameras are moved to other replicas (default 30)",
     )
+    serve.add_argument(
+        "--metrics-address",
+        help="Prometheus /metrics listener host:port, '' for none (default: "
+        "$BROKER_METRICS_ADDRESS, else 127.0.0.1:9464); with --workers N replica i uses port+i-1",
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        help="log lines as text or one JSON object per line with a request_id "
+        "(default: $BROKER_LOG_FORMAT, else text)",
+    )
     serve.add_argument("--so-reuseport", action="store_true", help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
+
+
+def _add_fleet_audit_parser(sub: Any) -> None:
+    fleet = sub.add_parser(
+        "fleet-audit",
+        help="suspicious patterns in the fleet (clones, key reuse, revoked callers, expiring "
+        "offline certificates, relay alarms, session fan-out) via the running broker",
+    )
+    fleet.add_argument("--json", action="store_true", help="one JSON document")
+    fleet.add_argument("--since", type=int, default=0, help="seconds back (default 7 days)")
+    fleet.add_argument("--expiring-within", type=int, default=0, help="seconds (default 7 days)")
+    fleet.add_argument(
+        "--fanout-devices", type=int, default=0, help="distinct devices flagged (default 20)"
+    )
+    fleet.add_argument("--fanout-window", type=int, default=0, help="seconds (default 24 h)")
+    fleet.add_argument("--broker", help="main listener address (default: config)")
+    fleet.set_defaults(func=cmd_fleet_audit)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -573,6 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     revoke_app.add_argument("--broker")
     revoke_app.set_defaults(func=cmd_revoke_app)
 
+    _add_fleet_audit_parser(sub)
+
     audit = sub.add_parser("audit", help="audit log").add_subparsers(
         dest="audit_command", required=True
     )
@@ -590,8 +647,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``broker`` console script."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from broker.logs import configure_logging
+
     args = build_parser().parse_args(argv)
+    log_format = getattr(args, "log_format", None) or os.environ.get("BROKER_LOG_FORMAT", "text")
+    try:
+        configure_logging(log_format)
+    except ValueError as error:
+        print(f"error: BROKER_LOG_FORMAT: {error}", file=sys.stderr)
+        return 2
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

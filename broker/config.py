@@ -10,6 +10,7 @@ from broker.identity.spiffe import validate_trust_domain
 from broker.protocol.spiffe_id import SpiffeId
 
 DAY = 86_400
+DEFAULT_METRICS_ADDRESS = "127.0.0.1:9464"  # Prometheus' registered port for this kind of use
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +37,18 @@ class Config:
     # SIGTERM: cameras are told to reconnect elsewhere at times spread over this window.
     drain_window_seconds: float = 30.0
     watch_wait_seconds: float = 10.0  # a Watch waits this long for a re-attaching camera
+    # Prometheus /metrics (plain HTTP, no auth: keep it on loopback or a private network).
+    # "" switches it off; port 0 picks a free port (logged, and in BrokerServer.ports).
+    metrics_address: str = DEFAULT_METRICS_ADDRESS
     core_queue_limit: int = 1000  # new device/app calls are shed beyond this backlog (0: never)
+    # Concurrent connections one client address (IPv6: one /64) may hold on each public
+    # listener; more are closed on accept. 0: no gate (e.g. behind a load balancer that hides
+    # client addresses and enforces its own limit).
+    max_connections_per_address: int = 256
+    # A connection that has not finished its TLS handshake by then is closed; one with no RPC
+    # in flight for idle_connection_seconds gets GOAWAY (clients reconnect on their next call).
+    handshake_timeout_seconds: float = 10.0
+    idle_connection_seconds: float = 10.0
     server_names: tuple[str, ...] = ("localhost",)
     device_cert_days: int = 30
     operator_cert_days: int = 90
@@ -62,19 +74,38 @@ class Config:
     argon2_time_cost: int = 3
     argon2_memory_kib: int = 65_536
     argon2_parallelism: int = 4
-    # Failed logins allowed per window, per username and per peer address.
-    login_failures_per_user: int = 5
-    login_failures_per_peer: int = 20
+    # Login limits (README "Login limits"). Hard budgets per (address, username) pair and per
+    # username (the latter not where the user logged in before: a trusted pair); per address
+    # only a slowdown: past its budget, untrusted attempts take store-reserved slots.
+    login_failures_per_pair: int = 5  # per login_window_seconds
+    login_failures_per_user: int = 20  # across addresses, per login_user_window_seconds
+    login_failures_per_peer: int = 20  # per login_window_seconds, before the slowdown starts
     login_window_seconds: int = 300
+    login_user_window_seconds: int = 900
+    login_slow_delay_seconds: float = 0.5  # slot spacing, doubled per further budget's worth
+    login_slow_max_delay_seconds: float = 4.0
+    login_slow_max_wait_seconds: float = 10.0  # a slot further away is RESOURCE_EXHAUSTED
+    login_flight_seconds: float = 60.0  # an admitted attempt counts in flight at most this long
+    login_trust_days: int = 30  # a successful (address, username) stays trusted this long
+    login_audit_window_seconds: int = 60  # refused attempts are summarized per this window
     # Wrong claim codes allowed per window, per user and per device (I8).
     claim_failures_per_user: int = 5
     claim_failures_per_device: int = 10
     claim_window_seconds: int = 600
+    # Renewal after expiry (Bootstrap.RenewExpiredCertificate): a certificate that expired at most
+    # this many days ago (and was not revoked or superseded) is renewed on proof of its key; past
+    # it, a camera needs a new enrollment token and an app must log in again. 0 switches it off.
+    device_expired_renewal_days: int = 180
+    app_expired_renewal_days: int = 30
+    # Log lines: "text" (the default) or "json" (one object per line with request_id; broker.logs).
+    log_format: str = "text"
 
     def __post_init__(self) -> None:
         validate_trust_domain(self.trust_domain)
         if not 10 <= self.session_token_ttl_seconds <= 300:
             raise ValueError("session_token_ttl_seconds must be between 10 and 300")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
 
     @property
     def broker_spiffe_id(self) -> str:
@@ -106,6 +137,8 @@ def from_environment(home: Path | None = None) -> Config:
         "BROKER_BOOTSTRAP_ADDRESS": "bootstrap_address",
         "BROKER_MAIN_ADDRESS": "main_address",
         "BROKER_FACTORY_ADDRESS": "factory_address",
+        "BROKER_METRICS_ADDRESS": "metrics_address",
+        "BROKER_LOG_FORMAT": "log_format",
     }
     for var, name in string_fields.items():
         if var in env:
@@ -133,7 +166,22 @@ def from_environment(home: Path | None = None) -> Config:
 NUMBER_FIELDS: dict[str, tuple[str, type[int] | type[float]]] = {
     "BROKER_WATCH_WAIT_SECONDS": ("watch_wait_seconds", float),
     "BROKER_CORE_QUEUE_LIMIT": ("core_queue_limit", int),
+    "BROKER_MAX_CONNECTIONS_PER_ADDRESS": ("max_connections_per_address", int),
+    "BROKER_HANDSHAKE_TIMEOUT_SECONDS": ("handshake_timeout_seconds", float),
+    "BROKER_IDLE_CONNECTION_SECONDS": ("idle_connection_seconds", float),
     "BROKER_DRAIN_WINDOW_SECONDS": ("drain_window_seconds", float),
+    "BROKER_DEVICE_EXPIRED_RENEWAL_DAYS": ("device_expired_renewal_days", int),
+    "BROKER_APP_EXPIRED_RENEWAL_DAYS": ("app_expired_renewal_days", int),
+    "BROKER_LOGIN_FAILURES_PER_PAIR": ("login_failures_per_pair", int),
+    "BROKER_LOGIN_FAILURES_PER_USER": ("login_failures_per_user", int),
+    "BROKER_LOGIN_FAILURES_PER_PEER": ("login_failures_per_peer", int),
+    "BROKER_LOGIN_WINDOW_SECONDS": ("login_window_seconds", int),
+    "BROKER_LOGIN_USER_WINDOW_SECONDS": ("login_user_window_seconds", int),
+    "BROKER_LOGIN_SLOW_DELAY_SECONDS": ("login_slow_delay_seconds", float),
+    "BROKER_LOGIN_SLOW_MAX_DELAY_SECONDS": ("login_slow_max_delay_seconds", float),
+    "BROKER_LOGIN_SLOW_MAX_WAIT_SECONDS": ("login_slow_max_wait_seconds", float),
+    "BROKER_LOGIN_TRUST_DAYS": ("login_trust_days", int),
+    "BROKER_LOGIN_AUDIT_WINDOW_SECONDS": ("login_audit_window_seconds", int),
 }
 
 

@@ -52,11 +52,13 @@ class FailedPrecondition(BrokerError):
 
 
 class ResourceExhausted(BrokerError):
-    """A rate limit or capacity limit was hit; retry later."""
+    """A rate limit or capacity limit was hit; retry later. ``limit`` names which one (the
+    limiter's scope, e.g. "login.user", or "core_queue"), for metrics and audit, never the client."""
 
-    def __init__(self, message: str, retry_after_seconds: float = 1.0) -> None:
+    def __init__(self, message: str, retry_after_seconds: float = 1.0, limit: str = "") -> None:
         super().__init__(message)
         self.retry_after_seconds = retry_after_seconds
+        self.limit = limit
 
 
 class Unavailable(BrokerError):

@@ -27,6 +27,7 @@ def start_broker(home: Path, clock: FakeClock | None = None, **overrides: object
         bootstrap_address="127.0.0.1:0",
         main_address="127.0.0.1:0",
         factory_address="127.0.0.1:0",
+        metrics_address="127.0.0.1:0",  # a free port each (several brokers per host)
         # Cheap argon2 keeps the suite fast; the production cost is covered in tests/unit.
         argon2_time_cost=1,
         argon2_memory_kib=8192,

@@ -83,6 +83,9 @@ def broker_command(home: Path, *args: str) -> list[str]:
 def serve_command(home: Path, name: str, drain_window: float | None) -> list[str]:
     command = broker_command(home, "serve", "--replica", name, "--internal", "127.0.0.1:0")
     command.append("--so-reuseport")
+    # One /metrics per replica: r1 on 9464, r2 on 9465, ...
+    index = int(name[1:]) if name[1:].isdigit() else 1
+    command += ["--metrics-address", f"127.0.0.1:{9463 + index}"]
     if drain_window is not None:
         command += ["--drain-window", f"{drain_window:g}"]
     return command

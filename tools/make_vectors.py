@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from broker.protocol import e2e, tokens
+from broker.protocol import e2e, renewal, tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "docs" / "test-vectors.json"
@@ -64,6 +64,10 @@ JWS_OTHER_KEY = "81d3984b9b3b91d3f13c16fa0dc28ad997470ecc440763f72dcd9a87dcaf286
 JWS_UNPINNED_KEY = "d5f220a848c98aa222fea7ae5369104ce4542476d4ef26f7b07dce6ce0956ea7"
 APP_X25519_PRIVATE = "ebf21ef3dfebfc4439a0b5bd32ab407bb4cefc7602f1fe4123698053496a3c0a"
 DEVICE_X25519_PRIVATE = "87fb126afac6f5238a93d43ce2fa2c349fc2814924a4df1b414a03dd366a0f58"
+
+# The camera's new key in the renew-after-expiry vector (its CSR), and the request's nonce.
+RENEW_NEW_KEY = "3b8fd7a4c1e2f60958a7b6c5d4e3f2a1908f7e6d5c4b3a29180f7e6d5c4b3a2f"
+RENEW_NONCE = bytes(range(0xA0, 0xC0))
 
 DETERMINISTIC_ECDSA = ec.ECDSA(hashes.SHA256(), deterministic_signing=True)
 
@@ -656,6 +660,68 @@ def tokens_payload(token: str) -> str:
     return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)).decode("utf-8")
 
 
+# -- renewal after expiry --------------------------------------------------------------------------
+def renew_expired_vectors(pki: dict[str, x509.Certificate]) -> dict[str, Any]:
+    """Bootstrap.RenewExpiredCertificate for the P-256 camera, ten days after its expiry."""
+    leaf = pki["device_p256"]
+    device_key = ec_key(DEVICE_P256_KEY, ec.SECP256R1())
+    new_key = ec_key(RENEW_NEW_KEY, ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(new_key, hashes.SHA256(), ecdsa_deterministic=True)
+    )
+    leaf_der = leaf.public_bytes(serialization.Encoding.DER)
+    csr_der = csr.public_bytes(serialization.Encoding.DER)
+    timestamp = int(leaf.not_valid_after_utc.timestamp()) + 10 * 86400
+    good = renewal.RenewalTranscript(leaf_der, csr_der, RENEW_NONCE, timestamp)
+    data = good.encode()
+    signature = device_key.sign(data, DETERMINISTIC_ECDSA)
+    if not renewal.renewal_signature_valid(leaf.public_key(), good, signature):
+        raise AssertionError("the broker's check must accept the vector signature")
+    names = ("label", "leaf_sha256", "csr_sha256", "nonce", "timestamp")
+    later = renewal.RenewalTranscript(leaf_der, csr_der, RENEW_NONCE, timestamp + 1)
+    other_key = ec_key(APP_P256_KEY, ec.SECP256R1())
+    return {
+        "certificate_chain_pem": pem(leaf) + pem(pki["issuing"]),
+        "leaf_der_hex": leaf_der.hex(),
+        "expired_at": int(leaf.not_valid_after_utc.timestamp()),
+        "new_private_key_pkcs8_pem": pkcs8_pem(new_key),
+        "csr_pem": csr.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+        "csr_der_hex": csr_der.hex(),
+        "nonce_hex": RENEW_NONCE.hex(),
+        "timestamp": timestamp,
+        "transcript_fields": [
+            {
+                "field": name,
+                "length": len(value),
+                "length_prefix_hex": struct.pack(">I", len(value)).hex(),
+                "value_hex": value.hex(),
+            }
+            for name, value in zip(names, good.fields(), strict=True)
+        ],
+        "transcript_hex": data.hex(),
+        "signature": {"der_hex": signature.hex(), "verdict": "accept"},
+        "negative": [
+            {
+                "case": "signed_by_another_key",
+                "signature_der_hex": other_key.sign(data, DETERMINISTIC_ECDSA).hex(),
+                "verdict": "reject",
+            },
+            {
+                "case": "signature_over_another_timestamp",
+                "signature_der_hex": device_key.sign(later.encode(), DETERMINISTIC_ECDSA).hex(),
+                "verdict": "reject",
+            },
+            {
+                "case": "raw_r_s_instead_of_der",
+                "signature_der_hex": der_to_raw(signature, 32).hex(),
+                "verdict": "reject",
+            },
+        ],
+    }
+
+
 # -- the document ----------------------------------------------------------------------------------
 def build_vectors() -> dict[str, Any]:
     """The whole vector document (pure: same output on every run)."""
@@ -691,6 +757,7 @@ def build_vectors() -> dict[str, Any]:
         },
         "e2e": e2e_vectors(pki),
         "tokens": token_vectors(pki),
+        "renew_expired": renew_expired_vectors(pki),
     }
     return vectors
 

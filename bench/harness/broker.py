@@ -39,6 +39,7 @@ def bench_config(home: Path, **overrides: Any) -> Config:
         bootstrap_address="127.0.0.1:0",
         main_address="127.0.0.1:0",
         factory_address="127.0.0.1:0",
+        metrics_address="127.0.0.1:0",  # a free port each (several brokers per host)
     ).with_overrides(**overrides)
 
 

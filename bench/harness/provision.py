@@ -226,7 +226,9 @@ def provision(
                 user = tx.get_user_by_username(username)
             assert user is not None
             key = new_key()
-            made = core.accounts.issue_app_certificate(user, make_csr(key), label)
+            identity = core.accounts.new_app_identity(user.user_id)
+            prepared = core.accounts.prepare_app_certificate(identity, make_csr(key))
+            made = core.accounts.issue_app_certificate(user, prepared, label)
             sdk = AppClient(root / f"{username}-{made.identity.app_id}", nowhere, ca_pem)
             _write_identity(
                 sdk,

@@ -9,11 +9,12 @@ from __future__ import annotations
 import datetime as dt
 import re
 import secrets
+import time
 import unicodedata
 from dataclasses import dataclass
 
 from broker.accounts.passwords import PasswordHasher, check_password_policy
-from broker.accounts.ratelimit import FailureLimiter
+from broker.accounts.ratelimit import LoginAdmission, LoginRefused, login_limits
 from broker.audit.chain import AuditEvent
 from broker.audit.recorder import AuditRecorder
 from broker.audit.session_ends import end_sessions_audited
@@ -26,12 +27,13 @@ from broker.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     Unauthenticated,
 )
 from broker.identity.spiffe import Identity, Kind
 from broker.outcomes import Effects, EndSessions
 from broker.pki.ca import IssuedCertificate, IssuingAuthority
-from broker.pki.certbook import CertificateBook
+from broker.pki.certbook import CertificateBook, Presigned, presign, signed_for
 from broker.pki.csr import PublicKey, public_key_from_csr
 from broker.store import (
     AppRecord,
@@ -95,20 +97,7 @@ class Accounts:
         self._certs = CertificateBook(clock, self._recorder)
         self._ca = ca
         self._hasher = hasher
-        self._per_user = FailureLimiter(
-            clock,
-            "login.user",
-            config.login_failures_per_user,
-            config.login_window_seconds,
-            "failed logins for this user",
-        )
-        self._per_peer = FailureLimiter(
-            clock,
-            "login.peer",
-            config.login_failures_per_peer,
-            config.login_window_seconds,
-            "failed logins from this address",
-        )
+        self._login = login_limits(config, self._recorder.append)
 
     # -- sign-up ---------------------------------------------------------------------------------
     def create_account(self, username: str, password: str) -> str:
@@ -132,44 +121,82 @@ class Accounts:
         return user_id
 
     # -- login -----------------------------------------------------------------------------------
-    def authenticate(self, username: str, password: str, peer: str) -> UserRecord:
-        """The user whose password this is; rate-limited per username and per peer.
-
-        Unknown users and wrong passwords get the same error and cost the same time.
-        """
+    def admit_login(self, username: str, peer: str) -> LoginAdmission:
+        """Step 1 of a login, before the password is looked at (fast, one transaction): the
+        attempt is admitted, possibly after a wait (its address's reserved slot; the caller
+        waits without holding a thread or a transaction), or refused RESOURCE_EXHAUSTED with a
+        retry delay (counted in the throttled-attempt audit). Scheme: broker.accounts.ratelimit."""
         try:
             name = normalize_username(username)
         except InvalidArgument:
-            name = ""
-        with self._store.read() as tx:
-            self._per_peer.check(tx, peer)
-            used = self._per_user.check(tx, name) if name else 0
-            user = tx.get_user_by_username(name) if name else None
-        # argon2 runs outside any transaction: concurrent guesses can overshoot a budget by the
-        # number in flight, never more (each failure is counted before its error is returned).
-        if not self._hasher.verify(user.password_hash if user else None, password) or user is None:
+            name = ""  # admitted like any name, fails like a wrong password
+        # the clock is read inside the unit: a unit that waited for the writer (or is re-run)
+        # reserves its slot from the time it actually runs
+        outcome = self._store.run(lambda tx: self._login.admit(tx, name, peer, now_ms(self._clock)))
+        if isinstance(outcome, LoginRefused):
+            raise ResourceExhausted(outcome.message, outcome.retry_seconds, limit=outcome.limit)
+        return outcome
 
-            def denied(tx: Transaction) -> None:
-                self._per_peer.fail(tx, peer)
-                if name:
-                    self._per_user.fail(tx, name)
+    def verify_login(self, admission: LoginAdmission, password: str) -> UserRecord:
+        """Step 2: the user whose password this is, or Unauthenticated. Slow (argon2): run off
+        the store thread. Unknown users and wrong passwords get the same error and cost."""
+        name = admission.name
+        with self._store.read() as tx:
+            user = tx.get_user_by_username(name) if name else None
+        ok = self._hasher.verify(user.password_hash if user else None, password)
+        ok = ok and user is not None
+
+        def finish(tx: Transaction) -> None:
+            self._login.finish(tx, admission, now_ms(self._clock), ok=ok)
+            if not ok:
+                detail: dict[str, object] = {"peer": admission.peer}
+                if admission.wait_seconds:
+                    detail["slowed_ms"] = int(admission.wait_seconds * 1000)
                 self._recorder.append(
-                    tx, AuditEvent("anonymous", "user.login.denied", name, {"peer": peer})
+                    tx, AuditEvent("anonymous", "user.login.denied", name, detail)
                 )
 
-            self._store.run(denied)
+        self._store.run(finish)
+        if user is None or not ok:
             raise Unauthenticated(LOGIN_FAILED)
-        if used:
-            self._store.run(lambda tx: self._per_user.reset(tx, name))
         return user
 
+    def authenticate(self, username: str, password: str, peer: str) -> UserRecord:
+        """admit_login, its wait (a sleep on the calling thread: never call this on the core
+        thread or an event loop; the gRPC service awaits the wait instead), verify_login."""
+        admission = self.admit_login(username, peer)
+        if admission.wait_seconds > 0:
+            time.sleep(admission.wait_seconds)
+        return self.verify_login(admission, password)
+
+    def flush_login_audit(self) -> int:
+        """Summarize throttled-attempt windows that are over (also done by login attempts);
+        returns how many were closed."""
+        now = now_ms(self._clock)
+        return self._store.run(lambda tx: self._login.audit.flush(tx, now, force=True))
+
     # -- app instances -----------------------------------------------------------------------
-    def issue_app_certificate(self, user: UserRecord, csr_pem: str, label: str) -> AppEnrollment:
-        """A new app instance for an authenticated user, with its 7-day certificate."""
+    def prepare_app_certificate(self, identity: Identity, csr_pem: str) -> Presigned:
+        """Check the CSR and sign identity's app certificate, off the store's thread; the
+        transaction that records it (issue_app_certificate, renew_app) may still refuse it."""
         key = public_key_from_csr(csr_pem)
+        lifetime = dt.timedelta(days=self._config.app_cert_days)
+        return presign(self._ca, identity, key, lifetime)
+
+    def new_app_identity(self, user_id: str) -> Identity:
+        """The identity of an app instance about to be enrolled for user_id."""
+        return Identity(Kind.APP, self._config.trust_domain, user_id, new_id("a"))
+
+    def issue_app_certificate(
+        self, user: UserRecord, prepared: Presigned, label: str
+    ) -> AppEnrollment:
+        """A new app instance for an authenticated user, with its 7-day certificate (prepared
+        for a new_app_identity of this user)."""
+        identity, key = prepared.identity, prepared.key
+        if identity.kind is not Kind.APP or identity.name != user.user_id:
+            raise ValueError("prepared certificate is not for a new app of this user")  # a bug
         label = check_label(label)
-        app_id = new_id("a")
-        identity = Identity(Kind.APP, self._config.trust_domain, user.user_id, app_id)
+        app_id = identity.app_id
 
         def unit(tx: Transaction) -> IssuedCertificate:
             if not self._certs.key_is_free(tx, key, identity):
@@ -177,7 +204,7 @@ class Accounts:
             tx.insert_app(
                 AppRecord(app_id, user.user_id, label, AppState.ACTIVE, now_s(self._clock))
             )
-            issued = self._issue(tx, identity, key)
+            issued = self._issue(tx, identity, key, prepared)
             self._recorder.append(
                 tx,
                 AuditEvent(
@@ -189,11 +216,16 @@ class Accounts:
             )
             return issued
 
-        return AppEnrollment(identity, self._store.run(unit))
+        try:
+            return AppEnrollment(identity, self._store.run(unit))
+        except PermissionDenied:  # the one refusal unit raises: the key is taken
+            self._audit_key_reuse(identity, "app.enroll.denied", user.user_id)
+            raise
 
-    def renew_app(self, caller: Identity, csr_pem: str) -> IssuedCertificate:
-        """A new certificate for the calling app instance; the old one is superseded."""
-        key = public_key_from_csr(csr_pem)
+    def renew_app(self, caller: Identity, prepared: Presigned) -> IssuedCertificate:
+        """A new certificate for the calling app instance (prepare_app_certificate(caller, ..));
+        the old one is superseded."""
+        key = prepared.key
 
         def unit(tx: Transaction) -> IssuedCertificate:
             app = tx.get_app(caller.app_id)
@@ -207,12 +239,28 @@ class Accounts:
                 dt.timedelta(days=self._config.app_cert_days),
                 caller.app_id,
                 KEY_TAKEN,
+                prepared,
             )
 
-        return self._store.run(unit)
+        try:
+            return self._store.run(unit)
+        except PermissionDenied:  # the one refusal unit raises: the key is taken
+            self._audit_key_reuse(caller, "certificate.renew.denied", caller.app_id)
+            raise
 
-    def _issue(self, tx: Transaction, identity: Identity, key: PublicKey) -> IssuedCertificate:
-        issued = self._ca.issue(key, identity, dt.timedelta(days=self._config.app_cert_days))
+    def _audit_key_reuse(self, identity: Identity, action: str, subject: str) -> None:
+        """Audit a refusal for a key another identity holds, in its own transaction (the refused
+        one rolled back); the fleet audit reports these as key reuse."""
+        event = AuditEvent(
+            identity.spiffe_id, action, subject, {"reason": "key bound to another identity"}
+        )
+        self._store.run(lambda tx: self._recorder.append(tx, event))
+
+    def _issue(
+        self, tx: Transaction, identity: Identity, key: PublicKey, prepared: Presigned
+    ) -> IssuedCertificate:
+        lifetime = dt.timedelta(days=self._config.app_cert_days)
+        issued = signed_for(self._ca, identity, key, lifetime, prepared)
         self._certs.record_issued(tx, identity, issued, key)
         return issued
 

@@ -87,3 +87,23 @@ class AdminClient:
             admin_pb2.GetCertificateRequest(serial=serial), timeout=self._timeout
         )
         return response
+
+    def fleet_audit(
+        self,
+        since_seconds: int = 0,
+        *,
+        expiring_within_seconds: int = 0,
+        fanout_min_devices: int = 0,
+        fanout_window_seconds: int = 0,
+    ) -> admin_pb2.FleetAuditResponse:
+        """Suspicious patterns over the last since_seconds (0 = 7 days); read-only."""
+        request = admin_pb2.FleetAuditRequest(
+            since_seconds=since_seconds,
+            expiring_within_seconds=expiring_within_seconds,
+            fanout_min_devices=fanout_min_devices,
+            fanout_window_seconds=fanout_window_seconds,
+        )
+        response: admin_pb2.FleetAuditResponse = self._stub.FleetAudit(
+            request, timeout=self._timeout
+        )
+        return response

@@ -25,7 +25,12 @@ from broker._proto.broker.v1 import (
     common_pb2,
 )
 from broker.client.bundle import load_bundle
-from broker.client.device import ReenrollmentRequired, jittered_renewal, make_csr
+from broker.client.device import (
+    REFUSED_FOR_GOOD,
+    ReenrollmentRequired,
+    jittered_renewal,
+    make_csr,
+)
 from broker.client.identity_dir import IdentityDir
 from broker.clock import Clock, SystemClock
 from broker.protocol.e2e import (
@@ -118,9 +123,19 @@ class AppClient(IdentityDir):
             response = await app_pb2_grpc.AppServiceStub(ch).RenewCertificate(
                 app_pb2.RenewAppCertificateRequest(csr_pem=make_csr(key)), timeout=30
             )
+        return self._keep_renewed(key, response, self.state.spiffe_id)
+
+    def _keep_renewed(
+        self,
+        key: ec.EllipticCurvePrivateKey,
+        response: app_pb2.RenewAppCertificateResponse
+        | bootstrap_pb2.RenewExpiredCertificateResponse,
+        spiffe_id: str,
+    ) -> AppState:
+        """Store a renewal's certificate with its key: same app instance, new validity."""
         old = self.state
         state = AppState(
-            old.user_id, old.app_id, old.spiffe_id, response.not_after, response.renew_after
+            old.user_id, old.app_id, spiffe_id, response.not_after, response.renew_after
         )
         self._save(key, response.certificate_chain_pem, state, response.trust_bundle)
         return state
@@ -132,16 +147,44 @@ class AppClient(IdentityDir):
         return jittered_renewal(state.renew_after, state.not_after, self.chain_path.read_bytes())
 
     async def renew_if_due(self, now: float | None = None) -> bool:
-        """Renew once the jittered due time has passed; after expiry the user must log in again
-        (EnrollApp), which this raises as ReenrollmentRequired."""
+        """Renew once the jittered due time has passed. After expiry the app renews by itself
+        with Bootstrap.RenewExpiredCertificate (within the broker's app window); when the broker
+        refuses that, the user must log in again (EnrollApp), raised as ReenrollmentRequired."""
         moment = now if now is not None else time.time()
         state = self.state
         if moment >= state.not_after:
-            raise ReenrollmentRequired("app certificate expired: log in again to enroll this app")
+            await self._renew_after_expiry(moment)
+            return True
         if moment < self.renew_due_at():
             return False
         await self.renew()
         return True
+
+    async def renew_expired(self, now: float | None = None) -> AppState:
+        """Renew an expired certificate over the bootstrap listener, proving possession of its
+        key (docs/PROTOCOL.md 4.5): same app instance, new key."""
+        moment = now if now is not None else time.time()
+        key = self.pending_renewal_key()
+        response = await self._renew_expired(key, int(moment))
+        return self._keep_renewed(key, response, response.spiffe_id)
+
+    async def _renew_after_expiry(self, moment: float) -> None:
+        try:
+            await self.renew_expired(moment)
+        except grpc.aio.AioRpcError as error:
+            if error.code() not in (*REFUSED_FOR_GOOD, grpc.StatusCode.INVALID_ARGUMENT):
+                raise  # UNAVAILABLE and the like: try again later, with backoff
+            try:  # still valid at the broker (this phone's clock is ahead): renew as usual
+                await self.renew()
+                return
+            except grpc.aio.AioRpcError:
+                pass
+            if error.code() not in REFUSED_FOR_GOOD:
+                raise error  # a malformed request or this phone's clock far off: fix, retry
+            raise ReenrollmentRequired(
+                "app certificate expired: log in again to enroll this app (the broker refused "
+                f"renewal after expiry: {error.details()})"
+            ) from error
 
     # -- devices -------------------------------------------------------------------------------
     async def claim(self, device_id: str, claim_code: str) -> None:

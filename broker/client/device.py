@@ -55,6 +55,17 @@ class ReenrollmentRequired(Exception):
     """The device certificate expired; only a fresh enrollment can restore the identity."""
 
 
+# Refusals of RenewExpiredCertificate that asking again cannot change (docs/PROTOCOL.md 4.5.3);
+# INVALID_ARGUMENT (a malformed request, this device's clock off) is raised as is: fix and retry.
+REFUSED_FOR_GOOD = frozenset(
+    {
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+    }
+)
+
+
 class TlsHandshakeFailed(grpc.aio.AioRpcError):  # type: ignore[misc]
     """UNAVAILABLE because the TLS handshake with the broker failed, with the reason in plain words
     (gRPC itself only says "failed to connect to all addresses", or "Socket closed")."""
@@ -293,10 +304,20 @@ class DeviceClient(IdentityDir):
             response = await device_pb2_grpc.DeviceServiceStub(ch).RenewCertificate(
                 request, timeout=30
             )
+        return self._keep_renewed(key, response, self.state.spiffe_id)
+
+    def _keep_renewed(
+        self,
+        key: ec.EllipticCurvePrivateKey,
+        response: device_pb2.RenewCertificateResponse
+        | bootstrap_pb2.RenewExpiredCertificateResponse,
+        spiffe_id: str,
+    ) -> DeviceState:
+        """Store a renewal's certificate with its key: same device, new validity."""
         old = self.state
         state = DeviceState(
             device_id=old.device_id,
-            spiffe_id=old.spiffe_id,
+            spiffe_id=spiffe_id,
             not_after=response.not_after,
             renew_after=response.renew_after,
             trust_bundle_version=response.trust_bundle.version,
@@ -314,19 +335,45 @@ class DeviceClient(IdentityDir):
     async def renew_if_due(self, now: float | None = None) -> bool:
         """Renew once the jittered due time has passed; returns whether it renewed.
 
-        Raises ReenrollmentRequired when the certificate already expired: a camera that was
-        offline too long must enroll again (token or birth certificate), never silently.
+        After expiry the camera renews by itself with Bootstrap.RenewExpiredCertificate (proof of
+        the expired key, no token). When the broker refuses that (expired beyond its window,
+        revoked, replaced), this raises ReenrollmentRequired with the broker's reason: the camera
+        must enroll again (token or birth certificate), never silently. ``now`` is this device's
+        clock (also the signed timestamp).
         """
         moment = now if now is not None else time.time()
         if moment >= self.state.not_after:
-            raise ReenrollmentRequired(
-                f"device certificate expired at {self.state.not_after}: enroll again with a fresh "
-                "enrollment token or the factory birth certificate"
-            )
+            await self._renew_after_expiry(moment)
+            return True
         if moment < self.renew_due_at():
             return False
         await self.renew()
         return True
+
+    async def renew_expired(self, now: float | None = None) -> DeviceState:
+        """Renew an expired certificate over the bootstrap listener, proving possession of its
+        key (docs/PROTOCOL.md 4.5); a new key is certified and stored like a renewal's."""
+        moment = now if now is not None else time.time()
+        key = self.pending_renewal_key()
+        response = await self._renew_expired(key, int(moment))
+        return self._keep_renewed(key, response, response.spiffe_id)
+
+    async def _renew_after_expiry(self, moment: float) -> None:
+        expired_at = self.state.not_after
+        try:
+            await self.renew_expired(moment)
+        except grpc.aio.AioRpcError as error:
+            if error.code() not in (*REFUSED_FOR_GOOD, grpc.StatusCode.INVALID_ARGUMENT):
+                raise  # UNAVAILABLE and the like: try again later, with backoff
+            if await self._still_valid_at_broker():
+                return
+            if error.code() not in REFUSED_FOR_GOOD:
+                raise error  # a malformed request or this device's clock far off: fix, retry
+            raise ReenrollmentRequired(
+                f"device certificate expired at {expired_at}: enroll again with a fresh "
+                "enrollment token or the factory birth certificate (the broker refused renewal "
+                f"after expiry: {error.details()})"
+            ) from error
 
     async def ensure_identity(
         self, now: float | None = None, birth: tuple[bytes, bytes] | None = None
@@ -340,6 +387,15 @@ class DeviceClient(IdentityDir):
                 raise
             await self.enroll_with_birth_certificate(*birth)
             return "re-enrolled"
+
+    async def _still_valid_at_broker(self) -> bool:
+        """After a refused renewal after expiry: whether the ordinary renewal works, i.e. the
+        broker still counts the certificate valid (this device's clock is ahead of it)."""
+        try:
+            await self.renew()
+        except grpc.aio.AioRpcError:
+            return False
+        return True
 
     @asynccontextmanager
     async def attach(self, heartbeat_interval: float = 15.0) -> AsyncIterator[AttachSession]:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from broker._proto.broker.v1 import bootstrap_pb2, bootstrap_pb2_grpc, common_pb2
@@ -14,6 +17,7 @@ from broker.client.bundle import load_bundle, save_bundle
 from broker.client.channels import mtls_channel, tls_channel
 from broker.pemfile import read_private_key, replace_private_key, write_atomic
 from broker.protocol.keys import ACCEPTED_CURVES
+from broker.protocol.renewal import RenewalTranscript, sign_renewal
 
 DEFAULT_KEY_TYPE = "P-256"
 KEY_TYPES = tuple(ACCEPTED_CURVES)  # ("P-256", "P-384"): what the broker certifies
@@ -66,6 +70,21 @@ class IdentityDir:
         key_type = self.key_type or self._held_key_type() or DEFAULT_KEY_TYPE
         return ec.generate_private_key(ACCEPTED_CURVES[key_type]())
 
+    @property
+    def pending_key_path(self) -> Path:
+        """The new key of a renewal after expiry not yet answered (kept so a retry asks for the
+        same key: docs/PROTOCOL.md 4.5.3)."""
+        return self.dir / f"{self.FILE_STEM}.pending.key"
+
+    def pending_renewal_key(self) -> ec.EllipticCurvePrivateKey:
+        """The key a renewal after expiry certifies: the one an unanswered earlier attempt sent,
+        else a new one, kept on disk (0600) before it is sent."""
+        if self.pending_key_path.exists():
+            return read_private_key(self.pending_key_path)
+        key = self.new_key()
+        replace_private_key(self.pending_key_path, key)
+        return key
+
     def _held_key_type(self) -> str | None:
         if not self.key_path.exists():
             return None
@@ -88,6 +107,7 @@ class IdentityDir:
         # Key first (0600), then chain and bundle, then state: state.json is written last, so a
         # crash leaves a consistent identity on disk.
         replace_private_key(self.key_path, key)
+        self.pending_key_path.unlink(missing_ok=True)  # held now: a later renewal starts afresh
         write_atomic(self.chain_path, chain_pem.encode("ascii"))
         self.save_trust_bundle(bundle)
         write_atomic(self.state_path, json.dumps(state).encode("utf-8"))
@@ -110,6 +130,26 @@ class IdentityDir:
         self.save_trust_bundle(bundle)
         return True
 
+    async def _renew_expired(
+        self, new_key: ec.EllipticCurvePrivateKey, timestamp: int
+    ) -> bootstrap_pb2.RenewExpiredCertificateResponse:
+        """Bootstrap.RenewExpiredCertificate for the expired certificate held here: a CSR for
+        new_key, signed (with the held, expired key) over a fresh nonce and timestamp. Nothing is
+        stored here; gRPC errors propagate (the caller decides what a refusal means)."""
+        request = expired_renewal_request(
+            read_private_key(self.key_path),
+            self.chain_path.read_bytes(),
+            csr_for(new_key),
+            timestamp,
+        )
+        async with self._bootstrap() as ch:
+            response: bootstrap_pb2.RenewExpiredCertificateResponse = (
+                await bootstrap_pb2_grpc.BootstrapStub(ch).RenewExpiredCertificate(
+                    request, timeout=30
+                )
+            )
+        return response
+
     def _bootstrap(self) -> grpc.aio.Channel:
         return tls_channel(
             self.endpoints.bootstrap, self.bundle_path.read_bytes(), self.endpoints.server_name
@@ -124,3 +164,40 @@ class IdentityDir:
             self.chain_path.read_bytes(),
             self.endpoints.server_name,
         )
+
+
+def csr_for(key: ec.EllipticCurvePrivateKey) -> str:
+    """A PEM CSR proving possession of key (the broker takes only the key from it)."""
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+def expired_renewal_request(
+    held_key: ec.EllipticCurvePrivateKey,
+    chain_pem: bytes,
+    csr_pem: str,
+    timestamp: int,
+    nonce: bytes | None = None,
+) -> bootstrap_pb2.RenewExpiredCertificateRequest:
+    """A RenewExpiredCertificateRequest signed with the expired certificate's key over the
+    renew-expired transcript (docs/PROTOCOL.md 4.5): the leaf and CSR DER, a fresh 32-byte nonce
+    (unless one is given, for tests and vectors), and the timestamp."""
+    leaf = x509.load_pem_x509_certificates(chain_pem)[0]
+    csr_der = x509.load_pem_x509_csr(csr_pem.encode("ascii")).public_bytes(
+        serialization.Encoding.DER
+    )
+    nonce = os.urandom(32) if nonce is None else nonce
+    transcript = RenewalTranscript(
+        leaf.public_bytes(serialization.Encoding.DER), csr_der, nonce, timestamp
+    )
+    return bootstrap_pb2.RenewExpiredCertificateRequest(
+        certificate_chain_pem=chain_pem.decode("ascii"),
+        csr_pem=csr_pem,
+        nonce=nonce,
+        timestamp=timestamp,
+        signature=sign_renewal(held_key, transcript),
+    )

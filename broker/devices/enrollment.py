@@ -8,11 +8,13 @@ transaction as the change (I12).
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import dataclass
 from typing import NoReturn
 
 from cryptography import x509
 
+from broker.audit.attempts import record_revoked_attempt
 from broker.audit.chain import AuditEvent
 from broker.audit.recorder import AuditRecorder
 from broker.audit.session_ends import end_sessions_audited
@@ -37,7 +39,7 @@ from broker.identity.spiffe import Identity, Kind, device, from_certificate, val
 from broker.outcomes import Effects, EndAttach, EndSessions
 from broker.pemfile import read_certificates
 from broker.pki.ca import IssuedCertificate, IssuingAuthority, PkiFiles
-from broker.pki.certbook import CertificateBook
+from broker.pki.certbook import CertificateBook, Presigned, presign, signed_for
 from broker.pki.csr import PublicKey, public_key_from_csr, spki_sha256
 from broker.store import (
     AppState,
@@ -51,6 +53,9 @@ from broker.store import (
 )
 
 MAX_TOKEN_CHARS = 128
+# A renewal refused because its key belongs to another identity (fleet audit: key reuse).
+KEY_REUSE_RENEWAL = "certificate.renew.denied"
+log = logging.getLogger("broker.devices")
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +146,36 @@ class DeviceAuthority:
         """Enroll with a one-time token. The CSR is checked before the token is touched."""
         return self.enroll_key_with_token(public_key_from_csr(csr_pem), token)
 
-    def enroll_key_with_token(self, key: PublicKey, token: str) -> Enrollment:
+    # -- signing before the writer ------------------------------------------------------------------
+    def check_and_presign(
+        self, csr_pem: str, subject: Identity | None
+    ) -> tuple[PublicKey, Presigned | None]:
+        """Check the CSR and sign subject's device certificate for its key, off the store's
+        thread (the signing thread); the enrollment or renewal transaction then only records
+        it, or drops it unseen if it refuses. No subject: check only."""
+        key = public_key_from_csr(csr_pem)
+        if subject is None:
+            return key, None
+        return key, presign(self._ca, subject, key, self._lifetime())
+
+    def token_subject(self, token: str) -> Identity | None:
+        """The device a live token would enroll, read without consuming it: what to presign
+        for. None for a token that is unknown, used or expired (nothing is signed for those);
+        the consuming transaction decides either way."""
+        if not token.startswith(ENROLLMENT_TOKEN_PREFIX) or len(token) > MAX_TOKEN_CHARS:
+            return None
+        with self._store.read() as tx:
+            record = tx.get_enrollment_token(secret_hash(token))
+        if record is None or record.used_at is not None or record.expires_at <= now_s(self._clock):
+            return None
+        return device(self._config.trust_domain, record.device_id)
+
+    def _lifetime(self) -> dt.timedelta:
+        return dt.timedelta(days=self._config.device_cert_days)
+
+    def enroll_key_with_token(
+        self, key: PublicKey, token: str, presigned: Presigned | None = None
+    ) -> Enrollment:
         """enroll_with_token for a CSR already checked (public_key_from_csr, off this thread)."""
         if not token:
             raise InvalidArgument(
@@ -166,7 +200,7 @@ class DeviceAuthority:
             if refusal is not None:
                 # Raising rolls the transaction back: a refused enrollment leaves the token unused.
                 raise _Refused(refusal, record.device_id)
-            return self._enroll(tx, identity, key, via="token")
+            return self._enroll(tx, identity, key, "token", presigned)
 
         try:
             return self._store.run(unit)
@@ -190,7 +224,11 @@ class DeviceAuthority:
         )
 
     def enroll_key_with_birth_certificate(
-        self, key: PublicKey, birth_device_id: str, birth_serial: str
+        self,
+        key: PublicKey,
+        birth_device_id: str,
+        birth_serial: str,
+        presigned: Presigned | None = None,
     ) -> Enrollment:
         """enroll_with_birth_certificate for a CSR already checked."""
         identity = device(self._config.trust_domain, birth_device_id)
@@ -198,7 +236,7 @@ class DeviceAuthority:
         def unit(tx: Transaction) -> Enrollment | str:
             refusal = self._enrollment_refusal(tx, identity, key)
             if refusal is None:
-                return self._enroll(tx, identity, key, via=f"birth:{birth_serial}")
+                return self._enroll(tx, identity, key, f"birth:{birth_serial}", presigned)
             return refusal
 
         outcome = self._store.run(unit)
@@ -225,9 +263,15 @@ class DeviceAuthority:
             return "key bound to another identity"
         return None
 
-    def _enroll(self, tx: Transaction, identity: Identity, key: PublicKey, via: str) -> Enrollment:
-        lifetime = dt.timedelta(days=self._config.device_cert_days)
-        issued = self._ca.issue(key, identity, lifetime)
+    def _enroll(
+        self,
+        tx: Transaction,
+        identity: Identity,
+        key: PublicKey,
+        via: str,
+        presigned: Presigned | None,
+    ) -> Enrollment:
+        issued = signed_for(self._ca, identity, key, self._lifetime(), presigned)
         claim_code = new_claim_code()
         existing = tx.get_device(identity.name)
         if existing is None:
@@ -268,7 +312,9 @@ class DeviceAuthority:
         """A new certificate for the caller's own identity; the old one is superseded."""
         return self.renew_key(caller, public_key_from_csr(csr_pem))
 
-    def renew_key(self, caller: Identity, key: PublicKey) -> IssuedCertificate:
+    def renew_key(
+        self, caller: Identity, key: PublicKey, presigned: Presigned | None = None
+    ) -> IssuedCertificate:
         """renew for a CSR already checked."""
         if caller.kind is not Kind.DEVICE:
             raise PermissionDenied("only device certificates are renewed here")
@@ -282,12 +328,24 @@ class DeviceAuthority:
                 self._ca,
                 caller,
                 key,
-                dt.timedelta(days=self._config.device_cert_days),
+                self._lifetime(),
                 caller.name,
                 _refusal_message("key bound to another identity"),
+                presigned,
             )
 
-        return self._store.run(unit)
+        try:
+            return self._store.run(unit)
+        except PermissionDenied as denied:  # the one refusal unit raises: the key is taken
+            self._deny(
+                denied,
+                AuditEvent(
+                    caller.spiffe_id,
+                    KEY_REUSE_RENEWAL,
+                    caller.name,
+                    {"reason": "key bound to another identity"},
+                ),
+            )
 
     # -- revocation ------------------------------------------------------------------------------
     def revoke_device(self, actor: Identity, device_id: str, reason: str) -> DeviceRevoked:
@@ -404,7 +462,26 @@ class DeviceAuthority:
     def check_presented(
         self, identity: Identity, cert: x509.Certificate, serial: str, fp: str
     ) -> None:
-        """Refuse a verified peer certificate this broker did not issue or no longer honours."""
+        """Refuse a verified peer certificate this broker did not issue or no longer honours.
+        Refusals of revoked identities are also counted for the fleet audit."""
+        try:
+            self._check_presented(identity, cert, serial, fp)
+        except _RevokedIdentity:
+            self._note_revoked_attempt(identity, serial)
+            raise
+
+    def _note_revoked_attempt(self, identity: Identity, serial: str) -> None:
+        # Best effort: the caller is refused (UNAUTHENTICATED) whether or not this is recorded.
+        try:
+            record_revoked_attempt(
+                self._store, self._clock, identity.spiffe_id, identity.name, serial
+            )
+        except Exception:
+            log.warning("could not record a revoked identity's attempt serial=%s", serial)
+
+    def _check_presented(
+        self, identity: Identity, cert: x509.Certificate, serial: str, fp: str
+    ) -> None:
         now = now_s(self._clock)
         if unix(cert.not_valid_after_utc) <= now:
             raise Unauthenticated("certificate has expired: renew or re-enroll")
@@ -415,7 +492,7 @@ class DeviceAuthority:
             if record is None or record.fingerprint != fp or record.spiffe_id != identity.spiffe_id:
                 raise Unauthenticated("certificate was not issued by this broker")
             if record.status is CertStatus.REVOKED:
-                raise Unauthenticated("certificate has been revoked")
+                raise _RevokedIdentity("certificate has been revoked")
             if record.status is CertStatus.SUPERSEDED and (
                 record.superseded_at is None
                 or now > record.superseded_at + self._config.superseded_grace_seconds
@@ -426,11 +503,11 @@ class DeviceAuthority:
             if identity.kind is Kind.DEVICE:
                 dev = tx.get_device(identity.name)
                 if dev is None or dev.state is not DeviceState.ACTIVE:
-                    raise Unauthenticated("device has been revoked")
+                    raise _RevokedIdentity("device has been revoked")
             elif identity.kind is Kind.APP:
                 app = tx.get_app(identity.app_id)
                 if app is None or app.state is not AppState.ACTIVE or app.user_id != identity.name:
-                    raise Unauthenticated("app instance is signed out or revoked")
+                    raise _RevokedIdentity("app instance is signed out or revoked")
 
     def register_offline_certificates(self, files: PkiFiles, actor: str) -> list[str]:
         """Record the operator and broker certificates (issued offline by `ca init` or a rotation)
@@ -483,6 +560,11 @@ class DeviceAuthority:
             return True
 
         return self._store.run(unit)
+
+
+class _RevokedIdentity(Unauthenticated):
+    """A presented certificate (or its device or app instance) is revoked: UNAUTHENTICATED,
+    and counted as a revoked identity's attempt (fleet audit)."""
 
 
 class _Refused(Exception):

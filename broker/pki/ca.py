@@ -324,27 +324,24 @@ class IssuingAuthority:
         trust_domain: str,
         clock: Clock,
     ) -> None:
-        self._key = key
-        self._cert = cert
-        self._cert_pem = cert_pem(cert).decode("ascii")
-        self._aki = _aki(cert)
+        self._signer = _Signer.of(key, cert)
         self._trust_domain = trust_domain
         self._clock = clock
 
     @property
     def certificate(self) -> x509.Certificate:
-        return self._cert
+        return self._signer.cert
 
     def replace(self, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
-        """Switch to a rotated issuing CA (the broker reloads after `make rotate-intermediate`)."""
-        self._key, self._cert = key, cert
-        self._cert_pem = cert_pem(cert).decode("ascii")
-        self._aki = _aki(cert)
+        """Switch to a rotated issuing CA (the broker reloads after `make rotate-intermediate`).
+        One attribute swap, so a signature in flight on another thread uses the old CA or the
+        new one, never a mix of the two."""
+        self._signer = _Signer.of(key, cert)
 
     @property
     def ski(self) -> str:
         """Hex subject key identifier of this CA (recorded with each certificate it issues)."""
-        return subject_key_id(self._cert)
+        return self._signer.ski
 
     def issue(
         self,
@@ -359,9 +356,10 @@ class IssuingAuthority:
         if subject.trust_domain != self._trust_domain:
             raise ConfigurationError("refusing to issue outside the configured trust domain")
         profile = PROFILE_OF_KIND.get(subject.kind, Profile.CLIENT)
+        signer = self._signer
         now = self._clock.now()
         not_before, not_after = _validity(now, lifetime)
-        not_after = min(not_after, self._cert.not_valid_after_utc)
+        not_after = min(not_after, signer.cert.not_valid_after_utc)
         serial = random_serial()
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(subject.spiffe_id)]
         names += [x509.DNSName(n) for n in dns_names]
@@ -370,7 +368,7 @@ class IssuingAuthority:
         cert = (
             x509.CertificateBuilder()
             .subject_name(_name(common_name))
-            .issuer_name(self._cert.subject)
+            .issuer_name(signer.cert.subject)
             .public_key(public_key)
             .serial_number(serial)
             .not_valid_before(not_before)
@@ -379,15 +377,30 @@ class IssuingAuthority:
             .add_extension(_leaf_key_usage(), critical=True)
             .add_extension(x509.ExtendedKeyUsage(PROFILE_EKUS[profile]), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-            .add_extension(self._aki, critical=False)
+            .add_extension(signer.aki, critical=False)
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .sign(self._key, hashes.SHA256())
+            .sign(signer.key, hashes.SHA256())
         )
         renew_after = renewal_due_at(now.replace(microsecond=0), not_after)
-        chain = cert_pem(cert).decode("ascii") + self._cert_pem
+        chain = cert_pem(cert).decode("ascii") + signer.cert_pem
         return IssuedCertificate(
-            cert, chain, serial_hex(serial), not_before, not_after, renew_after, self.ski
+            cert, chain, serial_hex(serial), not_before, not_after, renew_after, signer.ski
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Signer:
+    """The issuing CA's key and what every leaf copies from its certificate, swapped as one."""
+
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+    cert_pem: str
+    aki: x509.AuthorityKeyIdentifier
+    ski: str
+
+    @classmethod
+    def of(cls, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> _Signer:
+        return cls(key, cert, cert_pem(cert).decode("ascii"), _aki(cert), subject_key_id(cert))
 
 
 @dataclass(frozen=True, slots=True)

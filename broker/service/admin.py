@@ -5,10 +5,12 @@ from __future__ import annotations
 import grpc
 
 from broker._proto.broker.v1 import admin_pb2, admin_pb2_grpc
+from broker.audit.fleet import fleet_audit
 from broker.clock import unix
 from broker.pki.ca import PkiFiles
 from broker.pki.rotation import bundle_adoption
 from broker.service.effects import EffectsApplier
+from broker.service.fleet import identifier, report_pb, thresholds_from
 from broker.service.interceptor import current_caller
 from broker.service.runtime import Runtime
 
@@ -133,3 +135,15 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             superseded_by=record.superseded_by or "",
             revocation_reason=record.revocation_reason or "",
         )
+
+    async def FleetAudit(
+        self, request: admin_pb2.FleetAuditRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.FleetAuditResponse:
+        report = await self._rt.run(
+            fleet_audit,
+            self._rt.store,
+            self._rt.clock,
+            thresholds_from(request),
+            identifier(self._rt.config.trust_domain),
+        )
+        return report_pb(report)

@@ -50,9 +50,11 @@ class AppService(app_pb2_grpc.AppServiceServicer):
     async def RenewCertificate(
         self, request: app_pb2.RenewAppCertificateRequest, context: grpc.aio.ServicerContext
     ) -> app_pb2.RenewAppCertificateResponse:
-        issued = await self._rt.run(
-            self._rt.accounts.renew_app, current_caller().identity, request.csr_pem
+        caller = current_caller().identity
+        prepared = await self._rt.run_signing(
+            self._rt.accounts.prepare_app_certificate, caller, request.csr_pem
         )
+        issued = await self._rt.run(self._rt.accounts.renew_app, caller, prepared)
         return app_pb2.RenewAppCertificateResponse(
             certificate_chain_pem=issued.chain_pem,
             trust_bundle=trust_bundle_pb(self._rt.trust_bundle),

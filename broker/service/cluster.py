@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from broker.clock import now_ms
 from broker.cluster.events import EFFECTS, PKI_RELOADED, EventPayloadError, payload_to_effects
 from broker.cluster.feed import EventFeed
 from broker.config import Config
@@ -25,7 +26,10 @@ log = logging.getLogger(__name__)
 async def apply_event(rt: Runtime, effects: EffectsApplier, event: EventRecord) -> Applied | None:
     """Apply one event another replica appended; None when it asks nothing of this replica."""
     if event.kind == EFFECTS:
-        return effects.apply(payload_to_effects(event.payload, rt.config.trust_domain))
+        # The change committed on another replica at_ms (its clock): teardown latency counts
+        # from then, not from when this replica read the feed.
+        age = max(0, now_ms(rt.clock) - event.at_ms) / 1000
+        return effects.apply(payload_to_effects(event.payload, rt.config.trust_domain), age)
     if event.kind == PKI_RELOADED:
         # Re-read certs/ here (issuing CA, token keys, bundle) without announcing it again.
         reloaded = await rt.run(rt.pki.reload, rt.trust_bundle.version, announce=False)

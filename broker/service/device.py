@@ -13,7 +13,6 @@ from broker._proto.broker.v1 import device_pb2, device_pb2_grpc
 from broker.clock import unix
 from broker.errors import BrokerError, InvalidArgument, Unauthenticated
 from broker.pki.ca import authority_key_id, renewal_due_at
-from broker.pki.csr import public_key_from_csr
 from broker.service.convert import trust_bundle_pb
 from broker.service.effects import EffectsApplier
 from broker.service.interceptor import abort_with, current_caller
@@ -55,8 +54,10 @@ class DeviceService(device_pb2_grpc.DeviceServiceServicer):
         self, request: device_pb2.RenewCertificateRequest, context: grpc.aio.ServicerContext
     ) -> device_pb2.RenewCertificateResponse:
         caller = current_caller()
-        key = await self._rt.run_signing(public_key_from_csr, request.csr_pem)
-        issued = await self._rt.run(self._rt.devices.renew_key, caller.identity, key)
+        key, presigned = await self._rt.run_signing(
+            self._rt.devices.check_and_presign, request.csr_pem, caller.identity
+        )
+        issued = await self._rt.run(self._rt.devices.renew_key, caller.identity, key, presigned)
         # Streams on the old certificate keep running: it stays valid through the grace period.
         return device_pb2.RenewCertificateResponse(
             certificate_chain_pem=issued.chain_pem,

@@ -22,6 +22,10 @@ STALE_CERTIFICATE = (
     "(the PKI was rotated): reconnect with your current certificate"
 )
 TrustListener = Callable[[tuple[x509.Certificate, ...]], None]
+# Told which live streams one committed change ended here ("watch": session ids, "attach":
+# device ids) and how old the change already was (seconds) when it was applied here: the
+# teardown-latency metric (broker.service.metrics).
+EndedListener = Callable[[str, list[str], float], None]
 
 
 class EffectsApplier:
@@ -30,19 +34,30 @@ class EffectsApplier:
     def __init__(self, runtime: Runtime) -> None:
         self._rt = runtime
         self._trust_listeners: list[TrustListener] = []
+        self.on_streams_ended: EndedListener | None = None
 
     def on_trust_changed(self, listener: TrustListener) -> None:
         """Call listener with the trusted issuing CAs after every PKI reload (peer parsers)."""
         self._trust_listeners.append(listener)
 
-    def apply(self, effects: Effects) -> Applied:
-        """Do what effects says; returns what was done."""
+    def apply(self, effects: Effects, age: float = 0.0) -> Applied:
+        """Do what effects says; returns what was done. age: seconds since the change was
+        committed, when known (another replica's event); a local change is applied as soon as
+        its core call returns, so 0."""
         ended: list[str] = []
         for end in effects.end_sessions:
             ended += self._end_sessions(end)
-        closed = sum(
-            self._rt.presence.end_device(e.device_id, e.error, e.epoch) for e in effects.end_attach
-        )
+        detached = [
+            e.device_id
+            for e in effects.end_attach
+            if self._rt.presence.end_device(e.device_id, e.error, e.epoch)
+        ]
+        closed = len(detached)
+        if self.on_streams_ended is not None:
+            if ended:
+                self.on_streams_ended("watch", ended, age)
+            if detached:
+                self.on_streams_ended("attach", detached, age)
         notified = stale = 0
         if effects.trust is not None:
             notified, stale = self._trust(effects.trust)

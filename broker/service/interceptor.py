@@ -13,14 +13,24 @@ import contextlib
 import contextvars
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
 import grpc
 
-from broker.errors import BrokerError, PermissionDenied, Unauthenticated, UndecodableRequest
+from broker.errors import (
+    BrokerError,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    UndecodableRequest,
+)
 from broker.identity.spiffe import Kind
+from broker.logs import bind_peer
+from broker.service.metrics import BrokerMetrics, MethodMetrics
 from broker.service.peer import ANONYMOUS_CALLER, Caller, peer_pem
+from broker.service.requests import begin_rpc, with_request_id
 from broker.service.status import status_for, trailing_details
 
 log = logging.getLogger("broker.rpc")
@@ -40,7 +50,7 @@ def current_caller() -> Caller:
 
 async def abort_with(context: grpc.aio.ServicerContext, error: BrokerError) -> None:
     """End the RPC with the status mapped from error."""
-    await context.abort(status_for(error), error.message, trailing_details(error))
+    await context.abort(status_for(error), error.message, with_request_id(trailing_details(error)))
 
 
 class IdentityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -51,10 +61,12 @@ class IdentityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         acl: Mapping[str, Kind],
         authenticate: Authenticator,
         shed: Callable[[Kind], None] | None = None,
+        metrics: BrokerMetrics | None = None,
     ) -> None:
         self._acl = dict(acl)
         self._authenticate = authenticate
         self._shed = shed
+        self._metrics = metrics
         # Wrapped handlers by method, built once: wrapping per call cost a handler object, its
         # closures and a decoder lookup on every RPC.
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
@@ -71,7 +83,9 @@ class IdentityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = _wrap(handler, method, self._acl.get(method), self._authenticate, self._shed)
+        required = self._acl.get(method)
+        observed = None if self._metrics is None else self._metrics.for_method(method, required)
+        wrapped = _wrap(handler, method, required, self._authenticate, self._shed, observed)
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
@@ -120,13 +134,16 @@ def _wrap(
     required: Kind | None,
     authenticate: Authenticator,
     shed: Callable[[Kind], None] | None,
+    observed: MethodMetrics | None = None,
 ) -> grpc.RpcMethodHandler:
     async def admit(context: grpc.aio.ServicerContext) -> None:
         if required is None or required is Kind.NOBODY:  # default deny
             raise PermissionDenied(f"{method} is not served on this listener")
         if shed is not None:
             shed(required)  # before any work: an overloaded broker refuses cheaply and early
-        _current_caller.set(await authenticate(context, required))
+        caller = await authenticate(context, required)
+        _current_caller.set(caller)
+        bind_peer(caller.identity.spiffe_id)  # log lines of this call name the verified peer
 
     # Unary requests arrive as bytes (no deserializer) and are decoded after the identity check;
     # streamed requests are decoded by context.read(), inside the handler, so in the same guard.
@@ -135,7 +152,9 @@ def _wrap(
         inner_uu = handler.unary_unary
 
         async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-            return await _guarded(context, method, admit, lambda: inner_uu(decode(raw), context))
+            return await _guarded(
+                context, method, admit, lambda: inner_uu(decode(raw), context), observed=observed
+            )
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, None, handler.response_serializer)
     if handler.stream_stream is not None:
@@ -148,6 +167,7 @@ def _wrap(
                 admit,
                 lambda: inner_ss(requests, context),
                 first_message=context.read,
+                observed=observed,
             )
 
         return grpc.stream_stream_rpc_method_handler(
@@ -157,7 +177,9 @@ def _wrap(
         inner_us = _writing(handler.unary_stream)
 
         async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-            return await _guarded(context, method, admit, lambda: inner_us(decode(raw), context))
+            return await _guarded(
+                context, method, admit, lambda: inner_us(decode(raw), context), observed=observed
+            )
 
         return grpc.unary_stream_rpc_method_handler(unary_stream, None, handler.response_serializer)
     raise TypeError(f"{method}: client-streaming RPCs are not used by this API")
@@ -169,27 +191,48 @@ async def _guarded(
     admit: Callable[[grpc.aio.ServicerContext], Awaitable[None]],
     call: Callable[[], Awaitable[Any]],
     first_message: Callable[[], Awaitable[Any]] | None = None,
+    observed: MethodMetrics | None = None,
 ) -> Any:
+    begin_rpc(context, method)  # request id: on every log line of this call, echoed in trailers
     admitted = False
+    code = grpc.StatusCode.OK  # for metrics: how the call ended
+    started = time.perf_counter()
     try:
         await admit(context)
         admitted = True
+        if observed is not None:
+            observed.admitted()
         return await call()
     except grpc.aio.AbortError:
+        code = _aborted_code(context)
+        raise
+    except asyncio.CancelledError:  # the client went away (or the server is stopping)
+        code = grpc.StatusCode.CANCELLED
         raise
     except BrokerError as error:
-        log.info(
-            "rpc refused method=%s code=%s reason=%s", method, status_for(error).name, error.message
-        )
+        code = status_for(error)
+        if observed is not None and isinstance(error, ResourceExhausted):
+            observed.refused(error.limit)
+        log.info("rpc refused method=%s code=%s reason=%s", method, code.name, error.message)
         if not admitted and first_message is not None:
             await _take_first_message(first_message)
         await abort_with(context, error)
     except Exception:
         # Fail closed (I10): log the cause, tell the caller nothing internal.
+        code = grpc.StatusCode.INTERNAL
         log.exception("rpc failed method=%s", method)
         await context.abort(
             grpc.StatusCode.INTERNAL, "internal error; the request was not carried out"
         )
+    finally:
+        if observed is not None:
+            observed.finished(code, time.perf_counter() - started, admitted)
+
+
+def _aborted_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The status a handler aborted with (abort_with inside a stream handler)."""
+    code = context.code()
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
 
 
 async def _take_first_message(read: Callable[[], Awaitable[Any]]) -> None:

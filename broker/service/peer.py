@@ -12,6 +12,7 @@ from cryptography.exceptions import InvalidSignature
 from broker.errors import BrokerError, Unauthenticated
 from broker.identity.spiffe import ANONYMOUS, Identity, Kind, birth_device_id, from_certificate
 from broker.pki.ca import fingerprint, serial_hex
+from broker.service.gate import ClientAddresses
 
 PEM_KEY = "x509_pem_cert"
 CACHE_SIZE = 20_000
@@ -36,13 +37,10 @@ def peer_pem(context: grpc.aio.ServicerContext) -> bytes | None:
     return values[0] if values else None
 
 
-def peer_address(context: grpc.aio.ServicerContext) -> str:
-    """The peer's IP address (port dropped), for per-address rate limits."""
-    peer: str = context.peer() or ""
-    kind, _, rest = peer.partition(":")
-    if kind in ("ipv4", "ipv6"):
-        return rest.rsplit(":", 1)[0]
-    return peer
+def peer_address(context: grpc.aio.ServicerContext, clients: ClientAddresses) -> str:
+    """The client's IP address (port dropped; through a connection gate, the address of the
+    client the gate admitted), for per-address rate limits and logs."""
+    return clients.address_of(context.peer() or "")
 
 
 class PeerParser:

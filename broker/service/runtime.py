@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import random
 from collections.abc import Callable
@@ -17,8 +18,10 @@ from broker.config import Config
 from broker.devices.enrollment import DeviceAuthority
 from broker.devices.ownership import Ownership
 from broker.errors import ResourceExhausted
+from broker.pki.expired import ExpiredRenewals
 from broker.pki.reload import PkiReloader
 from broker.pki.trust import TrustBundle
+from broker.service.gate import ClientAddresses
 from broker.sessions.attachments import Attachments
 from broker.sessions.presence import Presence
 from broker.sessions.relay import Relay
@@ -49,6 +52,8 @@ class Runtime:
     attachments: Attachments
     replica: str = "r1"  # this process's replica name (config.replica_name)
     feed: EventFeed | None = None  # other replicas' events; stale -> refuse new sessions (I10)
+    # Renewal after expiry (Bootstrap.RenewExpiredCertificate); None: refused (UNAVAILABLE).
+    expired: ExpiredRenewals | None = None
     # Store-touching and signing calls run here; the broker passes a GroupCommitExecutor.
     executor: Executor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="broker-core")
@@ -58,13 +63,14 @@ class Runtime:
         default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="broker-pw")
     )
 
-    # Store-free request work (CSR checks, session-token signing) runs here, off the core thread
-    # that holds the store's writer. Certificates are still signed inside the writer's
-    # transaction: a token enrollment learns its device id from the token there.
+    # Store-free request work (CSR checks, certificate and session-token signing) runs here,
+    # off the core thread that holds the store's writer: the writer's transactions hold SQL only.
     signing_executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="broker-sign")
     )
 
+    # Client addresses behind the connection gates (the listeners see the gates' loopback).
+    clients: ClientAddresses = field(default_factory=ClientAddresses)
     crl_source: Callable[[], str] = lambda: ""
     _crl_cache: tuple[float, str] = (0.0, "")
     _queued: int = 0  # core calls submitted and not yet finished
@@ -94,7 +100,7 @@ class Runtime:
         loop = asyncio.get_running_loop()
         self._queued += 1
         try:
-            return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+            return await loop.run_in_executor(self.executor, _in_context(fn, *args, **kwargs))
         finally:
             self._queued -= 1
 
@@ -107,18 +113,21 @@ class Runtime:
             raise ResourceExhausted(
                 f"broker busy ({self._queued} calls queued); retry after the RetryInfo delay",
                 retry_after_seconds=random.randint(1, 3),  # noqa: S311 (spreading, not a secret)
+                limit="core_queue",
             )
 
     async def run_signing(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a store-free check or signature on the signing thread (not the core thread)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self.signing_executor, functools.partial(fn, *args, **kwargs)
-        )
+        return await loop.run_in_executor(self.signing_executor, _in_context(fn, *args, **kwargs))
 
     async def run_slow(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a CPU-heavy call (password hashing) on its own pool."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self.password_executor, functools.partial(fn, *args, **kwargs)
-        )
+        return await loop.run_in_executor(self.password_executor, _in_context(fn, *args, **kwargs))
+
+
+def _in_context(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Callable[[], T]:
+    """fn(*args) to run on another thread in a copy of this context, so lines it logs carry the
+    RPC's request id (broker.logs); executors do not copy contextvars themselves."""
+    return functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)

@@ -38,8 +38,9 @@ from broker.accounts.passwords import PasswordHasher
 from broker.accounts.users import Accounts
 from broker.clock import Clock, SystemClock
 from broker.cluster.feed import EventFeed
-from broker.config import Config
+from broker.config import DEFAULT_METRICS_ADDRESS, Config
 from broker.devices.enrollment import DeviceAuthority
+from broker.devices.expired import expired_renewals
 from broker.devices.ownership import Ownership
 from broker.errors import ConfigurationError, Unavailable
 from broker.identity.spiffe import Kind
@@ -55,6 +56,7 @@ from broker.service.bootstrap import BootstrapService
 from broker.service.cluster import EventHandler
 from broker.service.device import DeviceService
 from broker.service.effects import EffectsApplier
+from broker.service.gate import UPSTREAM_HOST, ConnectionGate, GateCounts
 from broker.service.interceptor import (
     IdentityInterceptor,
     anonymous_authenticator,
@@ -65,6 +67,7 @@ from broker.service.internal import (
     build_internal_server,
     prepare_replica_certificate,
 )
+from broker.service.metrics import BrokerMetrics, MetricsServer
 from broker.service.peer import Caller, PeerParser
 from broker.service.reflection import V1_SERVICE, V1ALPHA_SERVICE, Reflection
 from broker.service.runtime import Runtime
@@ -151,15 +154,25 @@ class BrokerServer:
             executor=self.store.core_executor(),
         )
         self.effects = EffectsApplier(self.runtime)
+        # Metrics (issue 13): off when metrics_address is "", and then nothing is hooked.
+        self.metrics: BrokerMetrics | None = None
+        self._metrics_server: MetricsServer | None = None
+        if config.metrics_address:
+            self.metrics = BrokerMetrics()
+            rt = self.runtime
+            self.metrics.watch(self.store, rt.relay, rt.presence, self.clock, config.trust_domain)
+            self.effects.on_streams_ended = self.metrics.streams_ended
         self.events = EventHandler(self.runtime, self.effects)
         self.feed = EventFeed(self.store, config.replica_name, self.events)
         self.runtime.feed = self.feed
+        self.runtime.expired = expired_renewals(config, authority, self.store, self.clock)
         self._background: list[asyncio.Task[None]] = []
         self.runtime.crl_source = self._crl_pem
         self._tls: list[ReloadingCredentials] = []
         self._main_parser = PeerParser(config.trust_domain, trusted_issuing(self.files))
         self.effects.on_trust_changed(lambda issuing: self._main_parser.reset(list(issuing)))
         self._servers: list[grpc.aio.Server] = []
+        self._gates: dict[str, tuple[ConnectionGate, str]] = {}  # listener -> (gate, address)
         self.ports: dict[str, int] = {}
         self.devices.register_offline_certificates(self.files, "broker")
         prepare_replica_certificate(config, authority, self.clock, self.devices)
@@ -185,6 +198,10 @@ class BrokerServer:
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.so_reuseport", 1 if self.config.so_reuseport else 0),
+            # Reclaim connections that never finish TLS (an idle TCP connection, a stalled
+            # ClientHello) and ones with nothing in flight; grpc's defaults are 120 s and never.
+            ("grpc.server_handshake_timeout_ms", int(self.config.handshake_timeout_seconds * 1000)),
+            ("grpc.max_connection_idle_ms", int(self.config.idle_connection_seconds * 1000)),
         ]
 
     async def _check_certificate(self, caller: Caller) -> None:
@@ -213,15 +230,19 @@ class BrokerServer:
     ) -> grpc.aio.Server:
         acl = acl_table(bindings)
         server = grpc.aio.server(
-            interceptors=[IdentityInterceptor(acl, authenticate, self._shed)],
+            interceptors=[IdentityInterceptor(acl, authenticate, self._shed, self.metrics)],
             options=self._options(),
         )
         for binding in bindings:
             binding.add(binding.servicer, server)
-        port = server.add_secure_port(address, credentials)
+        cap = self.config.max_connections_per_address
+        bind = f"{UPSTREAM_HOST}:0" if cap > 0 else address  # behind a gate: loopback only
+        port = server.add_secure_port(bind, credentials)
         if port == 0:
-            raise ConfigurationError(f"cannot listen on {address} for the {name} listener")
-        self.ports[name] = port
+            raise ConfigurationError(f"cannot listen on {bind} for the {name} listener")
+        if cap > 0:
+            self._gates[name] = (ConnectionGate(name, cap, port, self.runtime.clients), address)
+        self.ports[name] = port  # the gate's port once it listens (start)
         self._served.update(b.descriptor.full_name for b in bindings)
         return server
 
@@ -284,6 +305,7 @@ class BrokerServer:
                         "CreateAccount": Kind.NOBODY,
                         "EnrollApp": Kind.NOBODY,
                         "GetCRL": Kind.NOBODY,
+                        "RenewExpiredCertificate": Kind.NOBODY,
                     },
                 )
             ],
@@ -325,13 +347,36 @@ class BrokerServer:
         )
         return [bootstrap_server, factory_server, main_server, internal_server]
 
+    def gate_counts(self) -> dict[str, GateCounts]:
+        """Connections each public listener's gate holds and has refused (none: no gates)."""
+        return {name: gate.counts() for name, (gate, _) in self._gates.items()}
+
     def _crl_pem(self) -> str:
         from broker.pki.crl import build_crls, crls_pem
 
         return crls_pem(build_crls(self.files, self.store, self.clock))
 
+    def _serve_metrics(self) -> None:
+        """Bind /metrics. A configured address that cannot be bound stops start-up; the default
+        one is best effort (another broker on this host may hold it): logged, served without."""
+        if self.metrics is None:
+            return
+        address = self.config.metrics_address
+        try:
+            self._metrics_server = MetricsServer(address, self.metrics.registry)
+        except OSError as error:
+            if address != DEFAULT_METRICS_ADDRESS:
+                raise ConfigurationError(f"cannot serve metrics on {address}: {error}") from error
+            log.warning("metrics not served: cannot listen on %s (%s)", address, error)
+            return
+        self.ports["metrics"] = self._metrics_server.port
+        log.info(
+            "metrics on http://%s:%d/metrics", self._metrics_server.host, self._metrics_server.port
+        )
+
     async def start(self) -> dict[str, int]:
         """Bind and start all listeners; returns the bound ports by listener name."""
+        self._serve_metrics()  # first: a bad metrics address fails before anything else runs
         released = await self.runtime.run(self.runtime.attachments.release_all_of_this_replica)
         if released:
             log.info("released %d attachment(s) left by the previous run", len(released))
@@ -342,6 +387,13 @@ class BrokerServer:
         self._servers = self._build()
         for server in self._servers:
             await server.start()
+        for name, (gate, address) in self._gates.items():
+            try:
+                self.ports[name] = await gate.start(address, self.config.so_reuseport)
+            except OSError as error:
+                raise ConfigurationError(
+                    f"cannot listen on {address} for the {name} listener: {error}"
+                ) from error
         await self.runtime.run(advertise_replica, self.runtime, self.ports["internal"])
         for service in ["", *sorted(self._served)]:
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -368,6 +420,8 @@ class BrokerServer:
         # The internal listener stays open: other replicas forward Watch calls for the cameras
         # still attached here until their turn to move comes.
         public = self._servers[:-1]
+        for gate, _ in self._gates.values():
+            gate.stop_accepting()
         stopping = [asyncio.ensure_future(s.stop(window + grace)) for s in public]
         presence = self.runtime.presence
         cameras = sorted(presence.online_ids())
@@ -405,12 +459,19 @@ class BrokerServer:
         await self.events.drain()
         self.runtime.relay.end_where(RESTART_REASON)  # watchers get an end event with the reason
         self._expiry.cancel()
+        for gate, _ in self._gates.values():
+            gate.stop_accepting()
         await asyncio.gather(*(s.stop(grace) for s in self._servers))
+        for gate, _ in self._gates.values():
+            gate.close()
         await self._app_service.close()
         await asyncio.gather(*self._background, return_exceptions=True)
         self.runtime.executor.shutdown(wait=True)
         self.runtime.password_executor.shutdown(wait=True)
         self.runtime.signing_executor.shutdown(wait=True)
+        if self._metrics_server is not None:
+            await asyncio.to_thread(self._metrics_server.stop)
+            self._metrics_server = None
         self.store.close()
 
     async def wait(self) -> None:

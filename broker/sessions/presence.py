@@ -7,6 +7,7 @@ a stream by putting a BrokerError in it, which the stream's handler turns into i
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from broker.errors import BrokerError, Unauthenticated
@@ -50,6 +51,8 @@ class Presence:
     def __init__(self) -> None:
         self._by_device: dict[str, AttachHandle] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        # Told of every stream whose handler has finished (its status is sent): metrics.
+        self.on_detach: Callable[[AttachHandle], None] | None = None
 
     def attach(
         self, device_id: str, serial: str, chain_pem: str = "", issuer_ski: str = ""
@@ -88,6 +91,8 @@ class Presence:
         handle.ended = True
         if self._by_device.get(handle.device_id) is handle:
             del self._by_device[handle.device_id]
+        if self.on_detach is not None:
+            self.on_detach(handle)
 
     def handle(self, device_id: str) -> AttachHandle | None:
         """The device's live stream, if attached."""

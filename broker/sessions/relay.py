@@ -109,6 +109,22 @@ class LiveSession:
 
 
 AlarmSink = Callable[[str, str, str], None]
+# Alarm reasons (the relay's rules that fired); a bounded set, so metrics may label by them.
+MISROUTED_HANDSHAKE = "handshake from a device that is not the session's"
+MISROUTED_FRAME = "frame from a device that is not the session's"
+
+
+@dataclass
+class RelayStats:
+    """Running totals since this relay started, read by a metrics exporter (plain ints: the
+    core imports no metrics library). Written on the event loop only; a reader on another
+    thread may see a value one frame old, never a torn one."""
+
+    frames_relayed: int = 0  # accepted from the session's camera and queued for its watcher
+    frames_overrun: int = 0  # queued frames a slow watcher lost (its oldest)
+    frames_unwatched: int = 0  # frames for a session nobody watches (the camera is told to stop)
+    frames_misrouted: int = 0  # frames from a camera that is not the session's (alarm, I6)
+    handshakes_misrouted: int = 0  # handshakes from a camera that is not the session's (alarm)
 
 
 def alarm_event(trust_domain: str, device_id: str, session_id: str, reason: str) -> AuditEvent:
@@ -136,6 +152,9 @@ class Relay:
         self._on_alarm = on_alarm
         self._queue_frames = queue_frames
         self._sessions: dict[str, LiveSession] = {}
+        self.stats = RelayStats()
+        # Told of every watcher detached (its Watch has written its last event): metrics.
+        self.on_detach: Callable[[LiveSession], None] | None = None
         # (device, session) pairs already sent StopStream; insertion-ordered, bounded
         self._stopped: dict[tuple[str, str], None] = {}
 
@@ -183,9 +202,8 @@ class Relay:
         if live is None:
             return FrameVerdict.NO_WATCHER
         if live.device_id != device_id:
-            self._on_alarm(
-                device_id, session_id, "handshake from a device that is not the session's"
-            )
+            self.stats.handshakes_misrouted += 1
+            self._on_alarm(device_id, session_id, MISROUTED_HANDSHAKE)
             return FrameVerdict.MISROUTED
         if not live.handshake.done():
             live.handshake.set_result(outcome)
@@ -196,13 +214,19 @@ class Relay:
     ) -> FrameVerdict:
         """Route one frame from the Attach stream of device_id (its certificate identity, I6)."""
         live = self._sessions.get(session_id)
+        stats = self.stats
         if live is None or live.ended:
+            stats.frames_unwatched += 1
             self._stop(device_id, session_id, "nobody is watching this session")
             return FrameVerdict.NO_WATCHER
         if live.device_id != device_id:
-            self._on_alarm(device_id, session_id, "frame from a device that is not the session's")
+            stats.frames_misrouted += 1
+            self._on_alarm(device_id, session_id, MISROUTED_FRAME)
             return FrameVerdict.MISROUTED
+        dropped = live.dropped
         live.push(sequence, ciphertext)
+        stats.frames_relayed += 1
+        stats.frames_overrun += live.dropped - dropped
         return FrameVerdict.DELIVERED
 
     def on_closed(self, device_id: str, session_id: str, reason: str) -> None:
@@ -247,6 +271,8 @@ class Relay:
             self._finish(live, "watcher left", notify_device=True)
         if self._sessions.get(live.session_id) is live:
             del self._sessions[live.session_id]
+        if self.on_detach is not None:
+            self.on_detach(live)
 
     def _finish(self, live: LiveSession, reason: str, *, notify_device: bool) -> None:
         if live.ended:

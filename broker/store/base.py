@@ -38,6 +38,7 @@ CONSTRAINTS = frozenset(
         "grants.device_user",  # one grant per (device, user)
         "grants.one_owner",  # at most one owner per device
         "sessions.session_id",
+        "renewal_nonces.nonce_hash",  # a renew-after-expiry request is accepted once (I8)
     }
 )
 
@@ -135,6 +136,15 @@ class EnrollmentTokenRecord:
     used_at: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class RenewalNonceRecord:
+    """A renew-after-expiry nonce already used (its hash), by whom and when."""
+
+    nonce_hash: str
+    subject: str
+    used_at: int
+
+
 class Role(enum.Enum):
     OWNER = "owner"
     VIEWER = "viewer"
@@ -230,6 +240,16 @@ class EventRecord:
     at_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class FailureCount:
+    """The failures one key of a scope has on record since some time (fleet audit)."""
+
+    key: str
+    count: int
+    first_ms: int
+    last_ms: int
+
+
 class Transaction(Protocol):
     """Reads and writes inside one store transaction."""
 
@@ -258,6 +278,17 @@ class Transaction(Protocol):
         self, token_hash: str, now: int
     ) -> EnrollmentTokenRecord | None: ...
     def cancel_enrollment_tokens(self, device_id: str, now: int) -> int: ...
+
+    # renew-after-expiry nonces (single-use, I8)
+    def use_renewal_nonce(self, nonce_hash: str, subject: str, at: int) -> None:
+        """Record a nonce as used; DuplicateKey("renewal_nonces.nonce_hash") if it already was
+        (the transaction stays usable)."""
+        ...
+
+    def get_renewal_nonce(self, nonce_hash: str) -> RenewalNonceRecord | None: ...
+    def forget_renewal_nonces(self, used_before: int) -> int:
+        """Delete nonces used before used_before; return how many."""
+        ...
 
     # users and app instances
     def insert_user(self, user: UserRecord) -> None: ...
@@ -346,6 +377,27 @@ class Transaction(Protocol):
     def append_audit(self, event: AuditEvent, at_ms: int) -> AuditEntry: ...
     def audit_entries_for(self, subject: str, action_prefix: str) -> list[AuditEntry]: ...
 
+    # fleet audit (read-only scans an operator runs now and then; no index of their own)
+    def audit_entries_since(self, since_ms: int, actions: tuple[str, ...]) -> list[AuditEntry]:
+        """Entries whose action is one of actions with at_ms >= since_ms, in seq order."""
+        ...
+
+    def failure_counts(self, scope: str, since_ms: int) -> list[FailureCount]:
+        """Per key of scope, its failures with at_ms >= since_ms (count, first, last), by key."""
+        ...
+
+    def device_certificates_expiring(self, after: int, before: int) -> list[CertificateRecord]:
+        """Active device certificates with after < not_after <= before, by not_after, serial."""
+        ...
+
+    def fanout_sessions(self, since: int, min_devices: int) -> list[SessionRecord]:
+        """Sessions of any outcome opened at or after since by users who opened sessions on at
+        least min_devices distinct devices since then; by user_id, opened_at, session_id."""
+        ...
+
+
+RunObserver = Callable[[float, int], None]
+
 
 class Store(Protocol):
     """A store of record. ``transaction()`` commits on success and rolls back on any exception.
@@ -357,6 +409,12 @@ class Store(Protocol):
 
     def transaction(self) -> AbstractContextManager[Transaction]: ...
     def run(self, unit: Callable[[Transaction], T]) -> T: ...
+
+    # Told after every run(): its seconds (re-runs and their backoff included) and how many
+    # times it was re-run. A plain hook so that a metrics exporter (broker.service.metrics)
+    # can watch the store without the store importing one; None costs nothing.
+    on_run: RunObserver | None
+
     def read(self) -> AbstractContextManager[Transaction]: ...
     def batch(self) -> AbstractContextManager[None]: ...
     def audit_entries(self) -> Iterator[AuditEntry]: ...

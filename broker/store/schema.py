@@ -154,6 +154,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE sessions ADD COLUMN replica TEXT NOT NULL DEFAULT ''",
         "CREATE INDEX sessions_replica_open ON sessions(replica) WHERE outcome = 'opened'",
     ),
+    # v9: renew-after-expiry nonces (their SHA-256), each accepted once: the primary key is the
+    # constraint behind single use (I8); rows older than the timestamp window are pruned.
+    (
+        """CREATE TABLE renewal_nonces (
+            nonce_hash TEXT PRIMARY KEY,
+            subject TEXT NOT NULL,
+            used_at INTEGER NOT NULL
+        )""",
+        "CREATE INDEX renewal_nonces_age ON renewal_nonces(used_at)",
+    ),
 )
 
 LATEST_VERSION = len(MIGRATIONS)

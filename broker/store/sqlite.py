@@ -26,9 +26,12 @@ from broker.store.base import (
     DuplicateKey,
     EnrollmentTokenRecord,
     EventRecord,
+    FailureCount,
     GrantRecord,
     MissingReference,
+    RenewalNonceRecord,
     ReplicaRecord,
+    RunObserver,
     SchemaTooNew,
     SessionRecord,
     Transaction,
@@ -72,6 +75,7 @@ _UNIQUE_COLUMNS = {
     "grants.device_id, grants.user_id": "grants.device_user",
     "grants.device_id": "grants.one_owner",  # the partial index grants_one_owner
     "sessions.session_id": "sessions.session_id",
+    "renewal_nonces.nonce_hash": "renewal_nonces.nonce_hash",
 }
 
 
@@ -263,6 +267,25 @@ class SqliteTransaction:
             "UPDATE enrollment_tokens SET used_at = ? WHERE device_id = ? AND used_at IS NULL",
             (now, device_id),
         )
+        return cursor.rowcount
+
+    # renew-after-expiry nonces
+    def use_renewal_nonce(self, nonce_hash: str, subject: str, at: int) -> None:
+        self._insert(
+            "renewal_nonces",
+            "INSERT INTO renewal_nonces (nonce_hash, subject, used_at) VALUES (?, ?, ?)",
+            (nonce_hash, subject, at),
+        )
+
+    def get_renewal_nonce(self, nonce_hash: str) -> RenewalNonceRecord | None:
+        row = self._one(
+            "SELECT nonce_hash, subject, used_at FROM renewal_nonces WHERE nonce_hash = ?",
+            (nonce_hash,),
+        )
+        return RenewalNonceRecord(row[0], row[1], int(row[2])) if row else None
+
+    def forget_renewal_nonces(self, used_before: int) -> int:
+        cursor = self._conn.execute("DELETE FROM renewal_nonces WHERE used_at < ?", (used_before,))
         return cursor.rowcount
 
     # users and app instances
@@ -547,6 +570,46 @@ class SqliteTransaction:
             for seq, at_ms, actor, action, subj, detail, prev, digest in rows
         ]
 
+    # fleet audit
+    def audit_entries_since(self, since_ms: int, actions: tuple[str, ...]) -> list[AuditEntry]:
+        if not actions:
+            return []
+        marks = ", ".join("?" for _ in actions)
+        rows = self._conn.execute(
+            "SELECT seq, at_ms, actor, action, subject, detail, prev_hash, hash FROM audit_log "
+            f"WHERE at_ms >= ? AND action IN ({marks}) ORDER BY seq",
+            (since_ms, *actions),
+        ).fetchall()
+        return [
+            AuditEntry(seq, at_ms, actor, action, subj, json.loads(detail), prev, digest)
+            for seq, at_ms, actor, action, subj, detail, prev, digest in rows
+        ]
+
+    def failure_counts(self, scope: str, since_ms: int) -> list[FailureCount]:
+        rows = self._conn.execute(
+            "SELECT key, COUNT(*), MIN(at_ms), MAX(at_ms) FROM failures "
+            "WHERE scope = ? AND at_ms >= ? GROUP BY key ORDER BY key",
+            (scope, since_ms),
+        ).fetchall()
+        return [FailureCount(key, int(n), int(first), int(last)) for key, n, first, last in rows]
+
+    def device_certificates_expiring(self, after: int, before: int) -> list[CertificateRecord]:
+        rows = self._conn.execute(
+            f"SELECT {CERT_COLUMNS} FROM certificates WHERE kind = 'device' AND status = 'active' "
+            "AND not_after > ? AND not_after <= ? ORDER BY not_after, serial",
+            (after, before),
+        )
+        return [cert_row(r) for r in rows]
+
+    def fanout_sessions(self, since: int, min_devices: int) -> list[SessionRecord]:
+        rows = self._conn.execute(
+            f"SELECT {SESSION_COLUMNS} FROM sessions WHERE opened_at >= ? AND user_id IN ("
+            "SELECT user_id FROM sessions WHERE opened_at >= ? GROUP BY user_id "
+            "HAVING COUNT(DISTINCT device_id) >= ?) ORDER BY user_id, opened_at, session_id",
+            (since, since, min_devices),
+        )
+        return [session_row(r) for r in rows]
+
     def append_audit(self, event: AuditEvent, at_ms: int) -> AuditEntry:
         last = self._one("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1", ())
         seq, prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS)
@@ -583,6 +646,7 @@ class SqliteStore:
             path, isolation_level=None, check_same_thread=False, timeout=30
         )
         self._lock = threading.RLock()
+        self.on_run: RunObserver | None = None  # see Store.on_run (metrics)
         self._batch = threading.local()
         self._savepoints = 0
         for pragma in (
@@ -684,9 +748,18 @@ class SqliteStore:
 
     def run(self, unit: Callable[[Transaction], T]) -> T:
         """Run unit in one transaction. SQLite serializes writers (BEGIN IMMEDIATE), so there is
-        no serialization failure to retry; a busy database waits up to busy_timeout."""
-        with self.transaction() as tx:
-            return unit(tx)
+        no serialization failure to retry; a busy database waits up to busy_timeout. Inside
+        batch() the time told to on_run excludes the batch's shared COMMIT (group commit)."""
+        observer = self.on_run
+        if observer is None:
+            with self.transaction() as tx:
+                return unit(tx)
+        started = time.perf_counter()
+        try:
+            with self.transaction() as tx:
+                return unit(tx)
+        finally:
+            observer(time.perf_counter() - started, 0)
 
     @contextmanager
     def read(self) -> Iterator[SqliteTransaction]:

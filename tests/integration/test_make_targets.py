@@ -236,6 +236,23 @@ def test_every_ops_target_against_a_live_broker(ops: Ops) -> None:
         ops.run(app.list_devices())
     assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
 
+    # make fleet-audit: the revoked camera and app instance that called again are reported
+    # (read-only: no audit entry of its own).
+    entries_before = len(ops.audit_actions())
+    out = ops.make("fleet-audit").stdout
+    assert "revoked identities still connecting: 2\n" in out, out
+    assert f"  device cam-mk2: 1 refused call(s) with revoked certificate {doomed_serial}" in out
+    assert (
+        f"  app {app_state.app_id}: 1 refused call(s) with revoked certificate {app_serial}" in out
+    )
+    fleet = json.loads(ops.make("fleet-audit", "JSON=1", "SINCE=3600").stdout)
+    assert fleet["thresholds"]["since_seconds"] == 3600
+    assert [(f["kind"], f["id"], f["count"]) for f in fleet["revoked_attempts"]] == [
+        ("app", app_state.app_id, 1),
+        ("device", "cam-mk2", 1),
+    ]
+    assert len(ops.audit_actions()) == entries_before
+
     # make crl: certs/crl.pem, signed by the issuing CA, listing both revoked certificates.
     out = ops.audited("pki.crl_published", "crl")
     assert "1 CRL(s), 2 revoked certificate(s) not yet expired" in out
@@ -328,6 +345,13 @@ def test_every_ops_target_against_a_live_broker(ops: Ops) -> None:
     finally:
         store.close()
     assert statuses == {CertStatus.REVOKED}
+
+    # I11: the broker process's own output (stdout and stderr) shows no secret it handled, and
+    # its refusal lines carry a request id.
+    served = "".join(ops.output)
+    for secret in (token, token2, PASSWORD, state.claim_code):
+        assert secret not in served
+    assert any("rpc refused" in line and " request_id=" in line for line in ops.output), served
 
     camera_task.cancel()
     elapsed = time.monotonic() - started

@@ -1,8 +1,10 @@
 """Renewal through the SDKs, and which certificates the broker refuses (issue 5, items 1 and 2).
 
 - DeviceClient / AppClient renew only once the jittered due time has passed, over mutual TLS with the
-  current certificate; after expiry they raise ReenrollmentRequired and never call the broker;
-  ``ensure_identity`` re-enrolls a camera with its birth certificate.
+  current certificate; after expiry they renew by themselves with RenewExpiredCertificate
+  (tests/integration/test_renew_expired.py) and raise ReenrollmentRequired, writing nothing but the
+  audited refusal, once the broker's renewal window has passed too;
+  ``ensure_identity`` then re-enrolls a camera with its birth certificate.
 - A revoked certificate is refused on the very next RPC, on a connection opened before the
   revocation, without any CRL being published (the broker checks the store on every call, I7).
 - A renewed party's superseded certificate works through the grace period, then is refused.
@@ -145,26 +147,33 @@ def test_device_renews_only_after_its_jittered_due_time(broker, operator_channel
     assert client.renew_due_at() >= after.renew_after  # the new certificate's own due time
 
 
-def test_device_past_expiry_raises_reenrollment_required_and_calls_nothing(
+def test_device_past_expiry_and_the_window_raises_reenrollment_required_and_writes_nothing(
     broker, operator_channel, tmp_path
 ):
     client = device_client(broker, tmp_path, "cam-x")
     state = asyncio.run(client.enroll(create_token(operator_channel, "cam-x")))
     chain_before = client.chain_path.read_bytes()
     audit_before = len(audit_entries(broker))
+    start = broker.clock.now()
 
-    for moment in (state.not_after, state.not_after + 86_400 * 365):
+    window_end = state.not_after + broker.config.device_expired_renewal_days * 86_400
+    for moment in (window_end + 86_400, state.not_after + 86_400 * 365):
+        broker.clock.advance(moment - broker.clock.now().timestamp())
         with pytest.raises(ReenrollmentRequired, match="enroll again") as raised:
             asyncio.run(client.renew_if_due(now=moment))
         assert str(state.not_after) in str(raised.value)
+        assert "beyond the renewal window" in str(raised.value)
         with pytest.raises(ReenrollmentRequired):
             asyncio.run(client.ensure_identity(now=moment))  # no birth certificate to fall back on
     assert client.chain_path.read_bytes() == chain_before
     assert len(cert_rows(broker, "cam-x")) == 1
-    assert len(audit_entries(broker)) == audit_before
+    refusals = audit_entries(broker)[audit_before:]  # only the audited refusals (I12)
+    assert [(e.action, e.detail["reason"]) for e in refusals] == [
+        ("certificate.renew_expired.denied", "beyond window")
+    ] * 4
 
     # Had it asked anyway, the broker (its clock past not_after) would refuse it.
-    start = broker.clock.now()
+    broker.clock.advance((start - broker.clock.now()).total_seconds())
     broker.clock.advance(state.not_after - start.timestamp())
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         asyncio.run(client.renew())
@@ -193,8 +202,10 @@ def test_ensure_identity_ok_renewed_then_re_enrolled_with_the_birth_certificate(
         first = await client.enroll_with_birth_certificate(*birth_pair)
         ok = await client.ensure_identity(now=first.renew_after - 1, birth=birth_pair)
         renewed = await client.ensure_identity(now=client.renew_due_at(), birth=birth_pair)
-        expired_at = client.state.not_after
-        again = await client.ensure_identity(now=expired_at, birth=birth_pair)
+        # Offline past the broker's renewal window: only the birth certificate brings it back.
+        gone = client.state.not_after + (broker.config.device_expired_renewal_days + 1) * 86_400
+        broker.clock.advance(gone - broker.clock.now().timestamp())
+        again = await client.ensure_identity(now=gone, birth=birth_pair)
         return ok, renewed, again, first
 
     ok, renewed, again, first = asyncio.run(scenario())
@@ -209,6 +220,7 @@ def test_ensure_identity_ok_renewed_then_re_enrolled_with_the_birth_certificate(
     assert [e.action for e in audit_entries(broker) if e.subject == "cam-b"] == [
         "device.enrolled",
         "certificate.renewed",
+        "certificate.renew_expired.denied",
         "device.enrolled",
     ]
 
@@ -240,8 +252,10 @@ def test_app_renews_only_after_its_due_time_and_must_log_in_after_expiry(broker,
     assert rows[new_serial].status is CertStatus.ACTIVE
     assert asyncio.run(app.list_devices()) == []  # the new certificate works
 
+    gone = app.state.not_after + (broker.config.app_expired_renewal_days + 1) * 86_400
+    broker.clock.advance(gone - broker.clock.now().timestamp())  # past the app's renewal window
     with pytest.raises(ReenrollmentRequired, match="log in again"):
-        asyncio.run(app.renew_if_due(now=app.state.not_after))
+        asyncio.run(app.renew_if_due(now=gone))
     assert len(app_cert_rows(broker, state)) == 2
     relogged = asyncio.run(app.enroll("erin", PASSWORD, "phone"))
     assert relogged.user_id == state.user_id and relogged.app_id != state.app_id

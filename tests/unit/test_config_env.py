@@ -59,3 +59,18 @@ def test_a_bad_value_names_the_variable(
     with pytest.raises(ValueError) as raised:
         from_environment(tmp_path)
     assert str(raised.value) == message
+
+
+def test_connection_knobs_are_read_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BROKER_MAX_CONNECTIONS_PER_ADDRESS", "0")
+    monkeypatch.setenv("BROKER_HANDSHAKE_TIMEOUT_SECONDS", "4.5")
+    monkeypatch.setenv("BROKER_IDLE_CONNECTION_SECONDS", "30")
+    config = from_environment(tmp_path)
+    assert (
+        config.max_connections_per_address,
+        config.handshake_timeout_seconds,
+        config.idle_connection_seconds,
+    ) == (0, 4.5, 30.0)
+    assert (Config().max_connections_per_address, Config().handshake_timeout_seconds) == (256, 10)

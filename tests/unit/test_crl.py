@@ -83,7 +83,9 @@ class Core:
     def app(self, username: str) -> tuple[Identity, str]:
         self.accounts.create_account(username, PASSWORD)
         user = self.accounts.authenticate(username, PASSWORD, "127.0.0.1")
-        enrolled = self.accounts.issue_app_certificate(user, csr_for(p256()), "phone")
+        identity = self.accounts.new_app_identity(user.user_id)
+        prepared = self.accounts.prepare_app_certificate(identity, csr_for(p256()))
+        enrolled = self.accounts.issue_app_certificate(user, prepared, "phone")
         return enrolled.identity, enrolled.issued.serial
 
     def crls(self) -> list[x509.CertificateRevocationList]:
@@ -408,7 +410,8 @@ def test_retire_root_refuses_while_an_app_holds_an_old_root_certificate(core: Co
     )
     assert (core.pki.files.root / "root-cross.pem").exists()  # nothing retired
 
-    core.accounts.renew_app(app, csr_for(p256()))  # now from the new issuing CA
+    prepared = core.accounts.prepare_app_certificate(app, csr_for(p256()))
+    core.accounts.renew_app(app, prepared)  # now from the new issuing CA
     report = retire_root(core.pki.config, core.store, "", force=False, clock=core.pki.clock)
     assert report.details["old_chain_apps"] == []
     assert not (core.pki.files.root / "root-cross.pem").exists()

@@ -486,3 +486,102 @@ def test_protocol_md_uses_normative_language_and_no_python_paths() -> None:
     assert "MUST" in doc and "SHOULD" in doc and "RFC 2119" in doc
     # Firmware authors do not read our Python: the spec never sends them to a module.
     assert not re.search(r"broker/[a-z_/]+\.py", doc)
+
+
+# -- (e) renewal after expiry (docs/PROTOCOL.md 4.5) ----------------------------------------------
+RENEW: dict[str, Any] = VECTORS["renew_expired"]
+
+
+def _renew_transcript(timestamp: int | None = None) -> Any:
+    from broker.protocol.renewal import RenewalTranscript
+
+    return RenewalTranscript(
+        bytes.fromhex(RENEW["leaf_der_hex"]),
+        bytes.fromhex(RENEW["csr_der_hex"]),
+        bytes.fromhex(RENEW["nonce_hex"]),
+        RENEW["timestamp"] if timestamp is None else timestamp,
+    )
+
+
+def test_renew_expired_transcript_is_the_length_prefixed_fields_in_order() -> None:
+    from broker.protocol.renewal import LABEL
+
+    leaf = x509.load_pem_x509_certificates(RENEW["certificate_chain_pem"].encode())[0]
+    csr = x509.load_pem_x509_csr(RENEW["csr_pem"].encode())
+    assert leaf.public_bytes(serialization.Encoding.DER).hex() == RENEW["leaf_der_hex"]
+    assert csr.public_bytes(serialization.Encoding.DER).hex() == RENEW["csr_der_hex"]
+    assert RENEW["expired_at"] == int(leaf.not_valid_after_utc.timestamp()) < RENEW["timestamp"]
+    # The spec's layout, from the spec alone: label, two SHA-256, nonce, u64be timestamp.
+    expected = [
+        LABEL,
+        hashlib.sha256(bytes.fromhex(RENEW["leaf_der_hex"])).digest(),
+        hashlib.sha256(bytes.fromhex(RENEW["csr_der_hex"])).digest(),
+        bytes.fromhex(RENEW["nonce_hex"]),
+        struct.pack(">Q", RENEW["timestamp"]),
+    ]
+    fields = RENEW["transcript_fields"]
+    assert [bytes.fromhex(f["value_hex"]) for f in fields] == expected
+    assert [f["length_prefix_hex"] for f in fields] == [
+        struct.pack(">I", len(v)).hex() for v in expected
+    ]
+    by_spec = b"".join(struct.pack(">I", len(v)) + v for v in expected)
+    assert by_spec.hex() == RENEW["transcript_hex"] == _renew_transcript().encode().hex()
+    assert fields[0]["length_prefix_hex"] + fields[0]["value_hex"] == (
+        "00000017" + b"broker.v1 renew-expired".hex()
+    )
+
+
+def test_i1_renew_expired_signature_vectors_get_their_verdicts() -> None:
+    """Only the expired certificate's key, over exactly this transcript, DER-encoded."""
+    from broker.protocol.renewal import renewal_signature_valid
+
+    leaf = x509.load_pem_x509_certificates(RENEW["certificate_chain_pem"].encode())[0]
+    good = bytes.fromhex(RENEW["signature"]["der_hex"])
+    assert renewal_signature_valid(leaf.public_key(), _renew_transcript(), good)
+    assert not renewal_signature_valid(
+        leaf.public_key(), _renew_transcript(RENEW["timestamp"] + 1), good
+    )
+    for case in RENEW["negative"]:
+        signature = bytes.fromhex(case["signature_der_hex"])
+        verdict = renewal_signature_valid(leaf.public_key(), _renew_transcript(), signature)
+        assert (case["verdict"], verdict) == ("reject", False), case["case"]
+
+
+def test_sdk_builds_the_vector_request_byte_for_byte(tmp_path: Path) -> None:
+    """The SDK's request for the vector inputs carries the vector transcript's signature."""
+    from broker.client.identity_dir import expired_renewal_request
+    from broker.protocol.renewal import renewal_signature_valid
+
+    key = serialization.load_pem_private_key(
+        PKI["device_p256_private_key_pkcs8_pem"].encode(), None
+    )
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    request = expired_renewal_request(
+        key,
+        RENEW["certificate_chain_pem"].encode(),
+        RENEW["csr_pem"],
+        RENEW["timestamp"],
+        bytes.fromhex(RENEW["nonce_hex"]),
+    )
+    assert request.certificate_chain_pem == RENEW["certificate_chain_pem"]
+    assert (request.nonce.hex(), request.timestamp) == (RENEW["nonce_hex"], RENEW["timestamp"])
+    leaf = x509.load_pem_x509_certificates(RENEW["certificate_chain_pem"].encode())[0]
+    assert renewal_signature_valid(leaf.public_key(), _renew_transcript(), request.signature)
+
+
+def test_protocol_md_specifies_renewal_after_expiry() -> None:
+    from broker.protocol.renewal import LABEL, MAX_NONCE_BYTES, MAX_SKEW_SECONDS, MIN_NONCE_BYTES
+
+    doc = PROTOCOL_MD.read_text()
+    config = Config(home=Path("/nonexistent"))
+    for item in (
+        LABEL.decode(),
+        f"{MAX_SKEW_SECONDS} s",
+        f"{MIN_NONCE_BYTES} to {MAX_NONCE_BYTES} bytes",
+        f"{config.device_expired_renewal_days} days",
+        f"{config.app_expired_renewal_days} days",
+        "certificate.renew_expired.denied",
+        "certificate.renewed_after_expiry",
+        *sorted(_message_fields(bootstrap_pb2.RenewExpiredCertificateRequest)),
+    ):
+        assert item in doc, item

@@ -165,6 +165,15 @@ STEPS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE sessions ADD COLUMN replica TEXT NOT NULL DEFAULT ''",
         "CREATE INDEX sessions_replica_open ON sessions(replica) WHERE outcome = 'opened'",
     ),
+    # v9 (as SQLite's v9): renew-after-expiry nonces, each accepted once (primary key, I8).
+    9: (
+        """CREATE TABLE renewal_nonces (
+            nonce_hash TEXT PRIMARY KEY,
+            subject TEXT NOT NULL,
+            used_at BIGINT NOT NULL
+        )""",
+        "CREATE INDEX renewal_nonces_age ON renewal_nonces(used_at)",
+    ),
 }
 
 LATEST_VERSION = BASELINE_VERSION + len(STEPS)

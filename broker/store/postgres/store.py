@@ -53,9 +53,12 @@ from broker.store.base import (
     DuplicateKey,
     EnrollmentTokenRecord,
     EventRecord,
+    FailureCount,
     GrantRecord,
     MissingReference,
+    RenewalNonceRecord,
     ReplicaRecord,
+    RunObserver,
     SchemaTooNew,
     SessionRecord,
     Transaction,
@@ -330,6 +333,25 @@ class PostgresTransaction:
             "UPDATE enrollment_tokens SET used_at = %s WHERE device_id = %s AND used_at IS NULL",
             (now, device_id),
         )
+
+    # renew-after-expiry nonces
+    def use_renewal_nonce(self, nonce_hash: str, subject: str, at: int) -> None:
+        self._insert(
+            "renewal_nonces",
+            "INSERT INTO renewal_nonces (nonce_hash, subject, used_at) VALUES (%s, %s, %s)",
+            (nonce_hash, subject, at),
+            lambda: "renewal_nonces.nonce_hash",
+        )
+
+    def get_renewal_nonce(self, nonce_hash: str) -> RenewalNonceRecord | None:
+        row = self._one(
+            "SELECT nonce_hash, subject, used_at FROM renewal_nonces WHERE nonce_hash = %s",
+            (nonce_hash,),
+        )
+        return RenewalNonceRecord(str(row[0]), str(row[1]), int(row[2])) if row else None
+
+    def forget_renewal_nonces(self, used_before: int) -> int:
+        return self._rowcount("DELETE FROM renewal_nonces WHERE used_at < %s", (used_before,))
 
     # users and app instances
     def insert_user(self, user: UserRecord) -> None:
@@ -655,6 +677,43 @@ class PostgresTransaction:
         )
         return [_audit_entry(r) for r in rows]
 
+    # fleet audit
+    def audit_entries_since(self, since_ms: int, actions: tuple[str, ...]) -> list[AuditEntry]:
+        if not actions:
+            return []
+        rows = self._all(
+            f"SELECT {AUDIT_COLUMNS} FROM audit_log "
+            "WHERE at_ms >= %s AND action = ANY(%s) ORDER BY seq",
+            (since_ms, list(actions)),
+        )
+        return [_audit_entry(r) for r in rows]
+
+    def failure_counts(self, scope: str, since_ms: int) -> list[FailureCount]:
+        rows = self._all(
+            "SELECT key, COUNT(*), MIN(at_ms), MAX(at_ms) FROM failures "
+            "WHERE scope = %s AND at_ms >= %s GROUP BY key ORDER BY key",
+            (scope, since_ms),
+        )
+        return [FailureCount(key, int(n), int(first), int(last)) for key, n, first, last in rows]
+
+    def device_certificates_expiring(self, after: int, before: int) -> list[CertificateRecord]:
+        rows = self._all(
+            f"SELECT {CERT_COLUMNS} FROM certificates WHERE kind = 'device' "
+            "AND status = 'active' AND not_after > %s AND not_after <= %s "
+            "ORDER BY not_after, serial",
+            (after, before),
+        )
+        return [cert_row(r) for r in rows]
+
+    def fanout_sessions(self, since: int, min_devices: int) -> list[SessionRecord]:
+        rows = self._all(
+            f"SELECT {SESSION_COLUMNS} FROM sessions WHERE opened_at >= %s AND user_id IN ("
+            "SELECT user_id FROM sessions WHERE opened_at >= %s GROUP BY user_id "
+            "HAVING COUNT(DISTINCT device_id) >= %s) ORDER BY user_id, opened_at, session_id",
+            (since, since, min_devices),
+        )
+        return [session_row(r) for r in rows]
+
     def append_audit(self, event: AuditEvent, at_ms: int) -> AuditEntry:
         # A writer holding the chain lock read the head with it (and keeps it current); any
         # other writer locks the head row until commit, so one appender at a time, in any
@@ -724,6 +783,7 @@ class PostgresStore:
         self.writer_lock = writer_lock
         self.retries = 0  # units re-run after a serialization failure or deadlock
         self.exhausted = 0  # units given up after `attempts` tries (raised Contention)
+        self.on_run: RunObserver | None = None  # see Store.on_run (metrics)
         self._lock_timeout_ms = lock_timeout_ms
         self._max_size = max_size
         self._connect_timeout = connect_timeout
@@ -867,6 +927,17 @@ class PostgresStore:
     def run(self, unit: Callable[[Transaction], T]) -> T:
         """Run unit in one transaction, re-running it on a serialization failure or deadlock
         (each re-run takes the chain lock up front) with jittered exponential backoff."""
+        observer = self.on_run
+        if observer is None:
+            return self._run(unit, [0])
+        started = time.perf_counter()
+        reruns = [0]
+        try:
+            return self._run(unit, reruns)
+        finally:
+            observer(time.perf_counter() - started, reruns[0])
+
+    def _run(self, unit: Callable[[Transaction], T], reruns: list[int]) -> T:
         lock = self.writer_lock
         for attempt in range(1, self.attempts + 1):
             try:
@@ -881,6 +952,7 @@ class PostgresStore:
                         retry_after_seconds=1.0,
                     ) from failure
                 self.retries += 1
+                reruns[0] += 1
                 lock = True
                 pause = self.backoff_seconds * (2 ** (attempt - 1))
                 time.sleep(random.uniform(0, pause))  # noqa: S311 (jitter, not a secret)

@@ -147,3 +147,61 @@ class ListDevicesResponse(_message.Message):
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     devices: _containers.RepeatedCompositeFieldContainer[DeviceSummary]
     def __init__(self, devices: _Optional[_Iterable[_Union[DeviceSummary, _Mapping]]] = ...) -> None: ...
+
+class FleetAuditRequest(_message.Message):
+    __slots__ = ("since_seconds", "expiring_within_seconds", "fanout_min_devices", "fanout_window_seconds")
+    SINCE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRING_WITHIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FANOUT_MIN_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    FANOUT_WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    since_seconds: int
+    expiring_within_seconds: int
+    fanout_min_devices: int
+    fanout_window_seconds: int
+    def __init__(self, since_seconds: _Optional[int] = ..., expiring_within_seconds: _Optional[int] = ..., fanout_min_devices: _Optional[int] = ..., fanout_window_seconds: _Optional[int] = ...) -> None: ...
+
+class FleetAuditFinding(_message.Message):
+    __slots__ = ("kind", "id", "count", "first_seen_ms", "last_seen_ms", "detail", "value")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SEEN_MS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_MS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    id: str
+    count: int
+    first_seen_ms: int
+    last_seen_ms: int
+    detail: str
+    value: int
+    def __init__(self, kind: _Optional[str] = ..., id: _Optional[str] = ..., count: _Optional[int] = ..., first_seen_ms: _Optional[int] = ..., last_seen_ms: _Optional[int] = ..., detail: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+
+class FleetAuditResponse(_message.Message):
+    __slots__ = ("generated_at_ms", "since_ms", "possible_clones", "key_reuse", "revoked_attempts", "expiring_offline", "relay_alarms", "session_fanout", "since_seconds", "expiring_within_seconds", "fanout_min_devices", "fanout_window_seconds")
+    GENERATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    SINCE_MS_FIELD_NUMBER: _ClassVar[int]
+    POSSIBLE_CLONES_FIELD_NUMBER: _ClassVar[int]
+    KEY_REUSE_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRING_OFFLINE_FIELD_NUMBER: _ClassVar[int]
+    RELAY_ALARMS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FANOUT_FIELD_NUMBER: _ClassVar[int]
+    SINCE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRING_WITHIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FANOUT_MIN_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    FANOUT_WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    generated_at_ms: int
+    since_ms: int
+    possible_clones: _containers.RepeatedCompositeFieldContainer[FleetAuditFinding]
+    key_reuse: _containers.RepeatedCompositeFieldContainer[FleetAuditFinding]
+    revoked_attempts: _containers.RepeatedCompositeFieldContainer[FleetAuditFinding]
+    expiring_offline: _containers.RepeatedCompositeFieldContainer[FleetAuditFinding]
+    relay_alarms: _containers.RepeatedCompositeFieldContainer[FleetAuditFinding]
+    session_fanout: _containers.RepeatedCompositeFieldContainer[FleetAuditFinding]
+    since_seconds: int
+    expiring_within_seconds: int
+    fanout_min_devices: int
+    fanout_window_seconds: int
+    def __init__(self, generated_at_ms: _Optional[int] = ..., since_ms: _Optional[int] = ..., possible_clones: _Optional[_Iterable[_Union[FleetAuditFinding, _Mapping]]] = ..., key_reuse: _Optional[_Iterable[_Union[FleetAuditFinding, _Mapping]]] = ..., revoked_attempts: _Optional[_Iterable[_Union[FleetAuditFinding, _Mapping]]] = ..., expiring_offline: _Optional[_Iterable[_Union[FleetAuditFinding, _Mapping]]] = ..., relay_alarms: _Optional[_Iterable[_Union[FleetAuditFinding, _Mapping]]] = ..., session_fanout: _Optional[_Iterable[_Union[FleetAuditFinding, _Mapping]]] = ..., since_seconds: _Optional[int] = ..., expiring_within_seconds: _Optional[int] = ..., fanout_min_devices: _Optional[int] = ..., fanout_window_seconds: _Optional[int] = ...) -> None: ...

@@ -71,6 +71,11 @@ class AdminServiceStub:
                 request_serializer=broker_dot_v1_dot_admin__pb2.GetCertificateRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_admin__pb2.GetCertificateResponse.FromString,
                 _registered_method=True)
+        self.FleetAudit = channel.unary_unary(
+                '/broker.v1.AdminService/FleetAudit',
+                request_serializer=broker_dot_v1_dot_admin__pb2.FleetAuditRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_admin__pb2.FleetAuditResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -121,6 +126,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FleetAudit(self, request, context):
+        """Suspicious patterns over a time window, read from the store of record (the same answer on
+        every replica): possible clones, key reuse, revoked identities still calling, certificates
+        expiring on offline cameras, relay alarms, viewers fanning out over many cameras.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -158,6 +172,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetCertificate,
                     request_deserializer=broker_dot_v1_dot_admin__pb2.GetCertificateRequest.FromString,
                     response_serializer=broker_dot_v1_dot_admin__pb2.GetCertificateResponse.SerializeToString,
+            ),
+            'FleetAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.FleetAudit,
+                    request_deserializer=broker_dot_v1_dot_admin__pb2.FleetAuditRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_admin__pb2.FleetAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +370,33 @@ class AdminService:
             '/broker.v1.AdminService/GetCertificate',
             broker_dot_v1_dot_admin__pb2.GetCertificateRequest.SerializeToString,
             broker_dot_v1_dot_admin__pb2.GetCertificateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FleetAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.AdminService/FleetAudit',
+            broker_dot_v1_dot_admin__pb2.FleetAuditRequest.SerializeToString,
+            broker_dot_v1_dot_admin__pb2.FleetAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -95,3 +95,31 @@ class EnrollAppResponse(_message.Message):
     not_after: int
     renew_after: int
     def __init__(self, user_id: _Optional[str] = ..., app_id: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., certificate_chain_pem: _Optional[str] = ..., trust_bundle: _Optional[_Union[_common_pb2.TrustBundle, _Mapping]] = ..., not_after: _Optional[int] = ..., renew_after: _Optional[int] = ...) -> None: ...
+
+class RenewExpiredCertificateRequest(_message.Message):
+    __slots__ = ("certificate_chain_pem", "csr_pem", "nonce", "timestamp", "signature")
+    CERTIFICATE_CHAIN_PEM_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    certificate_chain_pem: str
+    csr_pem: str
+    nonce: bytes
+    timestamp: int
+    signature: bytes
+    def __init__(self, certificate_chain_pem: _Optional[str] = ..., csr_pem: _Optional[str] = ..., nonce: _Optional[bytes] = ..., timestamp: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class RenewExpiredCertificateResponse(_message.Message):
+    __slots__ = ("spiffe_id", "certificate_chain_pem", "trust_bundle", "not_after", "renew_after")
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_CHAIN_PEM_FIELD_NUMBER: _ClassVar[int]
+    TRUST_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    RENEW_AFTER_FIELD_NUMBER: _ClassVar[int]
+    spiffe_id: str
+    certificate_chain_pem: str
+    trust_bundle: _common_pb2.TrustBundle
+    not_after: int
+    renew_after: int
+    def __init__(self, spiffe_id: _Optional[str] = ..., certificate_chain_pem: _Optional[str] = ..., trust_bundle: _Optional[_Union[_common_pb2.TrustBundle, _Mapping]] = ..., not_after: _Optional[int] = ..., renew_after: _Optional[int] = ...) -> None: ...

@@ -61,6 +61,11 @@ class BootstrapStub:
                 request_serializer=broker_dot_v1_dot_bootstrap__pb2.GetCRLRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_bootstrap__pb2.GetCRLResponse.FromString,
                 _registered_method=True)
+        self.RenewExpiredCertificate = channel.unary_unary(
+                '/broker.v1.Bootstrap/RenewExpiredCertificate',
+                request_serializer=broker_dot_v1_dot_bootstrap__pb2.RenewExpiredCertificateRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_bootstrap__pb2.RenewExpiredCertificateResponse.FromString,
+                _registered_method=True)
 
 
 class BootstrapServicer:
@@ -101,6 +106,15 @@ class BootstrapServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewExpiredCertificate(self, request, context):
+        """A camera or app instance whose certificate expired a short while ago (within the broker's
+        renewal window) gets a new one without a token or password, by proving possession of the
+        expired certificate's key (docs/PROTOCOL.md section 4.5). Bootstrap listener only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BootstrapServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +142,11 @@ def add_BootstrapServicer_to_server(servicer, server):
                     servicer.GetCRL,
                     request_deserializer=broker_dot_v1_dot_bootstrap__pb2.GetCRLRequest.FromString,
                     response_serializer=broker_dot_v1_dot_bootstrap__pb2.GetCRLResponse.SerializeToString,
+            ),
+            'RenewExpiredCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewExpiredCertificate,
+                    request_deserializer=broker_dot_v1_dot_bootstrap__pb2.RenewExpiredCertificateRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_bootstrap__pb2.RenewExpiredCertificateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +286,33 @@ class Bootstrap:
             '/broker.v1.Bootstrap/GetCRL',
             broker_dot_v1_dot_bootstrap__pb2.GetCRLRequest.SerializeToString,
             broker_dot_v1_dot_bootstrap__pb2.GetCRLResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewExpiredCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.Bootstrap/RenewExpiredCertificate',
+            broker_dot_v1_dot_bootstrap__pb2.RenewExpiredCertificateRequest.SerializeToString,
+            broker_dot_v1_dot_bootstrap__pb2.RenewExpiredCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,
