@@ -31,6 +31,8 @@ from typing import Any
 from bench.harness.stats import pid_cpu, pid_memory, process_cpu, raise_nofile, thread_cpu
 from broker.config import Config
 
+LOAD_GENERATOR_CAP = 100_000  # connections per address: above any bench's client count
+
 
 def bench_config(home: Path, **overrides: Any) -> Config:
     """A broker config in home with every listener on port 0."""
@@ -40,6 +42,9 @@ def bench_config(home: Path, **overrides: Any) -> Config:
         main_address="127.0.0.1:0",
         factory_address="127.0.0.1:0",
         metrics_address="127.0.0.1:0",  # a free port each (several brokers per host)
+        # Every simulated camera and app connects from 127.0.0.1: the gate stays in the path
+        # (its cost is measured) but its per-address cap must not refuse the load generator.
+        max_connections_per_address=LOAD_GENERATOR_CAP,
     ).with_overrides(**overrides)
 
 
@@ -303,6 +308,7 @@ class ServeChild:
         self.config, self.workers = config, workers
         self.ports = dict(ports or free_ports())
         env = {**os.environ, **{f"BROKER_{n.upper()}_ADDRESS": self.address(n) for n in PUBLIC}}
+        env.setdefault("BROKER_MAX_CONNECTIONS_PER_ADDRESS", str(LOAD_GENERATOR_CAP))
         if config.store_url:
             env["BROKER_STORE"] = config.store_url
         command = [sys.executable, "-m", "broker.cli", "--home", str(config.home), "serve"]
