@@ -10,9 +10,11 @@ ciphertext, and I1 still reads identity from the certificate grpc verified); grp
 timeout reclaims connections that never finish TLS, and the gate closes its side when grpc
 closes its own.
 
-The gRPC server sees the gate's loopback address; ``client_of`` maps it back to the client's
-(for per-address login limits and logs). IPv6 clients are counted per /64, the block one
-subscriber usually holds.
+The gRPC server sees the gate's loopback address; ``ClientAddresses`` maps it back to the
+client's (for per-address login limits and logs). IPv6 clients are counted per /64, the block
+one subscriber usually holds. grpc's own port listens on loopback only: a process on the broker's
+host could reach it past the gate (TLS and every identity check still apply; it is counted as
+127.0.0.1), which is why the cap is a defence against remote floods, not against local code.
 """
 
 from __future__ import annotations
