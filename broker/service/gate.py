@@ -157,9 +157,9 @@ class ConnectionGate:
             self._loop.create_task(self._pipe(sock, host, key))
 
     def _refuse(self, sock: socket.socket, key: str) -> None:
+        self._refused += 1  # counted before the client can see the reset
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)  # RST: no TIME_WAIT kept
         sock.close()
-        self._refused += 1
         if self._refused % 1000 == 1:  # a flood logs once per thousand refusals
             log.warning(
                 "%s: refusing connections from %s (cap %d per address; %d refused so far)",

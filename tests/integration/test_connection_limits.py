@@ -40,6 +40,15 @@ HALF_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"  # a ClientHello cu
 
 @pytest.fixture
 def capped(tmp_path: Path) -> Iterator[Any]:
+    """Cap 5; a handshake timeout far beyond the test, so held connections stay held."""
+    broker = start_broker(tmp_path, max_connections_per_address=5, handshake_timeout_seconds=60)
+    yield broker
+    stop_broker(broker)
+
+
+@pytest.fixture
+def impatient(tmp_path: Path) -> Iterator[Any]:
+    """Cap 5 and a 1.5 s handshake timeout."""
     broker = start_broker(tmp_path, max_connections_per_address=5, handshake_timeout_seconds=1.5)
     yield broker
     stop_broker(broker)
@@ -96,6 +105,7 @@ def test_one_address_gets_its_cap_and_no_more_while_others_are_served(capped: An
     for sock in over:
         elapsed = closed_within(sock, 1.0)
         assert elapsed is not None and elapsed < 1.0
+    wait_for(lambda: gate_counts(capped, "bootstrap").refused == 20)
     counts = gate_counts(capped, "bootstrap")
     assert (counts.open, counts.addresses, counts.refused) == (5, 1, 20)
 
@@ -112,7 +122,10 @@ def test_one_address_gets_its_cap_and_no_more_while_others_are_served(capped: An
     again.close()
 
 
-def test_handshakes_that_never_finish_are_reclaimed_with_their_descriptors(capped: Any) -> None:
+def test_handshakes_that_never_finish_are_reclaimed_with_their_descriptors(
+    impatient: Any,
+) -> None:
+    capped = impatient
     port = capped.server.ports["main"]
     baseline = open_descriptors()
     idle = [connect_from(ATTACKER, port) for _ in range(3)]
