@@ -197,6 +197,16 @@ async def _guarded(
     admitted = False
     code = grpc.StatusCode.OK  # for metrics: how the call ended
     started = time.perf_counter()
+    recorded = False
+
+    def record() -> None:
+        # Before an abort: the client has its status as soon as abort sends it, and a scrape
+        # that follows must already count the call.
+        nonlocal recorded
+        if observed is not None and not recorded:
+            recorded = True
+            observed.finished(code, time.perf_counter() - started, admitted)
+
     try:
         await admit(context)
         admitted = True
@@ -216,17 +226,18 @@ async def _guarded(
         log.info("rpc refused method=%s code=%s reason=%s", method, code.name, error.message)
         if not admitted and first_message is not None:
             await _take_first_message(first_message)
+        record()
         await abort_with(context, error)
     except Exception:
         # Fail closed (I10): log the cause, tell the caller nothing internal.
         code = grpc.StatusCode.INTERNAL
         log.exception("rpc failed method=%s", method)
+        record()
         await context.abort(
             grpc.StatusCode.INTERNAL, "internal error; the request was not carried out"
         )
     finally:
-        if observed is not None:
-            observed.finished(code, time.perf_counter() - started, admitted)
+        record()
 
 
 def _aborted_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
