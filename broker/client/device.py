@@ -34,7 +34,7 @@ from broker.client.identity_dir import IdentityDir
 from broker.clock import Clock, SystemClock
 from broker.errors import PermissionDenied
 from broker.pemfile import read_private_key
-from broker.protocol.e2e import HandshakeError, Sealer, device_side
+from broker.protocol.e2e import HandshakeError, Sealer, device_side, directly_issued
 from broker.protocol.spiffe_id import SpiffeId
 from broker.protocol.tokens import SessionClaims, TokenVerifier, key_hash
 
@@ -83,26 +83,18 @@ class TlsHandshakeFailed(grpc.aio.AioRpcError):  # type: ignore[misc]
 
 def _chains_to_roots(chain_pem: bytes, roots_pem: bytes) -> bool:
     """Whether the chain's leaf reaches one of the roots directly or through the chain's CAs."""
-    from cryptography.exceptions import InvalidSignature
-
     try:
         chain = x509.load_pem_x509_certificates(chain_pem)
         roots = x509.load_pem_x509_certificates(roots_pem)
     except ValueError:
         return False
-
-    def issued(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-        try:
-            cert.verify_directly_issued_by(issuer)
-        except (ValueError, TypeError, InvalidSignature):
-            return False
-        return True
-
     current = chain[0]
     for _ in range(len(chain)):
-        if any(issued(current, root) for root in roots):
+        if any(directly_issued(current, root) for root in roots):
             return True
-        parent = next((c for c in chain[1:] if c is not current and issued(current, c)), None)
+        parent = next(
+            (c for c in chain[1:] if c is not current and directly_issued(current, c)), None
+        )
         if parent is None:
             return False
         current = parent

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from broker.audit.chain import AuditEvent
@@ -47,6 +46,7 @@ from broker.pki.ca import IssuedCertificate, IssuingAuthority, fingerprint, seri
 from broker.pki.certbook import CertificateBook, Presigned, signed_for
 from broker.pki.csr import PublicKey, public_key_from_csr, spki_sha256
 from broker.pki.trust import TrustBundle
+from broker.protocol.e2e import directly_issued
 from broker.protocol.renewal import (
     MAX_NONCE_BYTES,
     MAX_SKEW_SECONDS,
@@ -215,7 +215,7 @@ class ExpiredRenewals:
         )
 
     def _identity(self, leaf: x509.Certificate, bundle: TrustBundle) -> Identity:
-        if not any(_signed_by(leaf, ca) for ca in self._trusted_issuers(bundle)):
+        if not any(directly_issued(leaf, ca) for ca in self._trusted_issuers(bundle)):
             raise RenewalRefused(
                 Unauthenticated("certificate was not issued by a CA this broker trusts"),
                 "untrusted issuer",
@@ -243,7 +243,9 @@ class ExpiredRenewals:
         if version != bundle.version or not issuers:
             roots = x509.load_pem_x509_certificates(bundle.ca_certificates_pem.encode("ascii"))
             cas = x509.load_pem_x509_certificates(bundle.issuing_certificates_pem.encode("ascii"))
-            issuers = [ca for ca in cas if _is_ca(ca) and any(_signed_by(ca, r) for r in roots)]
+            issuers = [
+                ca for ca in cas if _is_ca(ca) and any(directly_issued(ca, r) for r in roots)
+            ]
             self._issuers = (bundle.version, issuers)
         return issuers
 
@@ -406,14 +408,6 @@ def _parse(request: ExpiredRenewalRequest) -> tuple[x509.Certificate, bytes, Pub
     except InvalidArgument as error:
         raise RenewalRefused(error, "malformed request") from None
     return leaf, csr_der, key
-
-
-def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 def _is_ca(cert: x509.Certificate) -> bool:

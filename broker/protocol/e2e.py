@@ -97,7 +97,9 @@ def verify_transcript_signature(cert: x509.Certificate, data: bytes, signature: 
         raise HandshakeError("the camera's handshake signature does not verify") from None
 
 
-def _directly_issued(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+def directly_issued(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether issuer's key signed cert and the names chain (cryptography's check; no path
+    building, no validity or constraint checks: callers add the ones they need)."""
     try:
         cert.verify_directly_issued_by(issuer)
     except (ValueError, TypeError, InvalidSignature):
@@ -127,7 +129,7 @@ def verify_device_chain(
     if not candidates:
         raise HandshakeError("device certificate is not from a trusted issuing CA")
     # Issuing CAs may share a name (rotated within the same second): the key decides.
-    issuer = next((ca for ca in candidates if _directly_issued(leaf, ca)), None)
+    issuer = next((ca for ca in candidates if directly_issued(leaf, ca)), None)
     if issuer is None:
         raise HandshakeError("device certificate signature does not verify")
     for cert in (leaf, issuer):

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import grpc
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 
 from broker.errors import BrokerError, Unauthenticated
 from broker.identity.spiffe import ANONYMOUS, Identity, Kind, birth_device_id, from_certificate
 from broker.pki.ca import fingerprint, serial_hex
+from broker.protocol.e2e import directly_issued
 from broker.service.gate import ClientAddresses
 
 PEM_KEY = "x509_pem_cert"
@@ -76,7 +76,7 @@ class PeerParser:
             return True  # the common case: no signature check (see _issuer_key_name)
         # No key identifiers to match (a vendor's factory CA may omit them), or none matched
         # (then this refuses, at the cost of the signature checks, cached per certificate).
-        return any(_signed_by(cert, issuer) for issuer in self._issuer_certs)
+        return any(directly_issued(cert, issuer) for issuer in self._issuer_certs)
 
     def _parse_uncached(self, pem: bytes, expected: Kind) -> Caller | BrokerError:
         try:
@@ -107,14 +107,6 @@ def _key_names(issuers: list[x509.Certificate]) -> frozenset[KeyName]:
             continue
         names.add((issuer.subject.public_bytes(), ski.digest))
     return frozenset(names)
-
-
-def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 def _issuer_key_name(cert: x509.Certificate) -> KeyName | None:
