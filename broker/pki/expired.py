@@ -43,7 +43,7 @@ from broker.errors import (
 )
 from broker.identity.spiffe import Identity, Kind, from_certificate
 from broker.pki.ca import IssuedCertificate, IssuingAuthority, fingerprint, serial_hex
-from broker.pki.certbook import CertificateBook, Presigned, signed_for
+from broker.pki.certbook import CertificateBook, Presigned, presign, signed_for
 from broker.pki.csr import PublicKey, public_key_from_csr, spki_sha256
 from broker.pki.trust import TrustBundle
 from broker.protocol.e2e import directly_issued
@@ -105,7 +105,7 @@ class CheckedRenewal:
     nonce_hash: str
     checked_at: int
     # Signed here, off the store's writer; recorded and returned only if the transaction commits.
-    presigned: IssuedCertificate
+    presigned: Presigned
 
     @property
     def days_expired(self) -> int:
@@ -211,7 +211,7 @@ class ExpiredRenewals:
             expired_at,
             hashlib.sha256(request.nonce).hexdigest(),
             now,
-            self._ca.issue(key, identity, policy.lifetime),
+            presign(self._ca, identity, key, policy.lifetime),
         )
 
     def _identity(self, leaf: x509.Certificate, bundle: TrustBundle) -> Identity:
@@ -341,8 +341,7 @@ class ExpiredRenewals:
     ) -> RenewedAfterExpiry:
         identity = checked.identity
         now = now_s(self._clock)
-        presigned = Presigned(identity, checked.key, checked.presigned)
-        issued = signed_for(self._ca, identity, checked.key, policy.lifetime, presigned)
+        issued = signed_for(self._ca, identity, checked.key, policy.lifetime, checked.presigned)
         self._certs.record_issued(tx, identity, issued, checked.key)
         superseded = tx.supersede_certificates(identity.spiffe_id, issued.serial, now)
         tx.forget_renewal_nonces(now - NONCE_RETENTION_SECONDS)

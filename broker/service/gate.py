@@ -265,7 +265,7 @@ class _Inbound(_End):
 
     def __init__(self, gate: ConnectionGate, host: str, key: str) -> None:
         super().__init__()
-        self._gate = gate
+        self.gate = gate
         self.host = host
         self._key = key
         self._counted = True
@@ -273,7 +273,7 @@ class _Inbound(_End):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        self._gate._admitted(self)
+        self.gate._admitted(self)
         transport.pause_reading()  # nothing is read before the upstream pipe exists
 
     def upstream_ready(self, transport: asyncio.Transport) -> None:
@@ -286,7 +286,7 @@ class _Inbound(_End):
         """Give the address its slot back (once)."""
         if self._counted:
             self._counted = False
-            self._gate._release(self, self._key)
+            self.gate._release(self, self._key)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.forget()
@@ -300,7 +300,7 @@ class _Outbound(_End):
         super().__init__()
         self.other = inbound
         inbound.other = self
-        self._inbound = inbound
+        self._gate = inbound.gate
         self._port = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -309,5 +309,5 @@ class _Outbound(_End):
         self._port = transport.get_extra_info("sockname")[1]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._inbound._gate._forget_upstream(self._port)
+        self._gate._forget_upstream(self._port)
         super().connection_lost(exc)
